@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+GPU ?= 0
+PYTEST_ARGS ?=
+
+ifeq ($(GPU),1)
+TORCH_PKGS := torch==2.13.0 fbgemm-gpu==1.8.0
+else
+TORCH_PKGS := torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+endif
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PKGS)
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q -e '.[ray,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/torchrec-prune demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: install
+	$(VENV)/bin/ruff check torchrec_prune launch tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

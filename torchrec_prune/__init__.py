@@ -1,0 +1,30 @@
+"""torchrec_prune: prune and regrow the embedding and MLP layers of TorchRec models while they train."""
+
+from torchrec_prune.masks import (
+    MaskedEmbeddingBagCollection,
+    MaskedLinear,
+    WrapConfig,
+    apply_masks_,
+    grow_,
+    masked_modules,
+    prune_,
+    set_masks_,
+    wrap,
+)
+from torchrec_prune.numerics import count_denormals, enable_ftz_daz
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedEmbeddingBagCollection",
+    "MaskedLinear",
+    "WrapConfig",
+    "apply_masks_",
+    "count_denormals",
+    "enable_ftz_daz",
+    "grow_",
+    "masked_modules",
+    "prune_",
+    "set_masks_",
+    "wrap",
+]

@@ -1,0 +1,1 @@
+"""DMP helpers, distributed checkpointing and distributed statistics."""

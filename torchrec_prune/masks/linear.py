@@ -1,0 +1,137 @@
+"""Mask-aware ``nn.Linear`` with an element mask and a neuron (output-row) mask (SPEC 3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MaskedLinear(nn.Linear):
+    """An ``nn.Linear`` whose effective weight is ``W * weight_mask`` with rows gated by ``neuron_mask``.
+
+    It subclasses ``nn.Linear`` so that ``weight``/``bias`` keep their state-dict keys (existing
+    checkpoints load) and code that checks ``isinstance(m, nn.Linear)`` still sees a Linear. Masks are
+    buffers, so they travel in ``state_dict()``, DMP's sharded state dict and DCP checkpoints.
+
+    When neurons are masked (rows of this layer) or inputs are masked (``input_mask``, set when the
+    previous layer's neurons are pruned), the forward gathers the active sub-matrix and runs the smaller
+    matmul, then scatters the kept outputs back into a full-width tensor of zeros: structured sparsity
+    saves real time.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        bias: whether the layer has a bias.
+        device: where parameters and masks live (``meta`` allowed; ``reset_parameters`` sets masks).
+        dtype: parameter dtype.
+
+    Example::
+
+        layer = MaskedLinear(8, 4)
+        layer.neuron_mask[1] = False
+        y = layer(torch.randn(2, 8))  # y[:, 1] == 0
+    """
+
+    weight_mask: torch.Tensor
+    neuron_mask: torch.Tensor
+    input_mask: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer(
+            "weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+        )
+        self.register_buffer("neuron_mask", torch.ones(out_features, dtype=torch.bool, device=device))
+        self.register_buffer("input_mask", torch.ones(in_features, dtype=torch.bool, device=device))
+        self._index_cache: tuple[tuple[int, ...], bool, bool, torch.Tensor, torch.Tensor] | None = None
+        # Mask-learning pruners (AUX) need dL/d(effective weight) also where the mask is closed, which
+        # weight.grad (= g * mask) hides: with the flag on, backward stores it in ``effective_grad``.
+        self.capture_effective_grad = False
+        self.effective_grad: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
+        """Build a masked copy that shares ``linear``'s parameter objects (optimizers stay valid)."""
+        w = linear.weight
+        masked = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=w.dtype,
+        )
+        masked.weight = w
+        masked.bias = linear.bias
+        for name in ("weight_mask", "neuron_mask", "input_mask"):
+            buf = getattr(masked, name)
+            setattr(masked, name, torch.ones(buf.shape, dtype=torch.bool, device=w.device))
+        masked.train(linear.training)
+        return masked
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # DMP materialises meta buffers as zeros and then calls reset_parameters: masks start open.
+        for name in ("weight_mask", "neuron_mask", "input_mask"):
+            buf = getattr(self, name, None)
+            if buf is not None and buf.device.type != "meta":
+                with torch.no_grad():
+                    buf.fill_(True)
+
+    # ----------------------------------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        """Dense weight with every mask applied (pruned entries are exact zeros)."""
+        keep = self.weight_mask & self.neuron_mask.unsqueeze(1) & self.input_mask.unsqueeze(0)
+        return self.weight * keep
+
+    def effective_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias * self.neuron_mask
+
+    def _structure(self) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
+        # Cached until a mask buffer is replaced or changed in place (load_state_dict, prune, grow), so
+        # the forward pays no host sync per call.
+        masks = (self.weight_mask, self.neuron_mask, self.input_mask)
+        key = tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+        if self._index_cache is None or self._index_cache[0] != key:
+            rows = self.neuron_mask.nonzero().squeeze(1)
+            cols = self.input_mask.nonzero().squeeze(1)
+            structured = rows.numel() < self.out_features or cols.numel() < self.in_features
+            elementwise = not bool(self.weight_mask.all())
+            self._index_cache = (key, structured, elementwise, rows, cols)
+        return self._index_cache[1:]
+
+    def is_structured(self) -> bool:
+        """Whether any neuron or input is masked, so that the compacted forward applies."""
+        return self._structure()[0]
+
+    def active_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of kept output rows and kept input columns."""
+        _, _, rows, cols = self._structure()
+        return rows, cols
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        structured, elementwise, rows, cols = self._structure()
+        weight = self.weight * self.weight_mask if elementwise or self.capture_effective_grad else self.weight
+        if self.capture_effective_grad and weight.requires_grad:
+            weight.register_hook(self._store_effective_grad)
+        if not structured:
+            return F.linear(input, weight, self.bias)
+        w = weight.index_select(0, rows).index_select(1, cols)
+        b = None if self.bias is None else self.bias.index_select(0, rows)
+        out_small = F.linear(input.index_select(-1, cols), w, b)
+        out = out_small.new_zeros(*input.shape[:-1], self.out_features)
+        return out.index_copy(-1, rows, out_small)
+
+    def _store_effective_grad(self, grad: torch.Tensor) -> None:
+        self.effective_grad = grad.detach() if self.effective_grad is None else self.effective_grad + grad
+
+    def extra_repr(self) -> str:
+        kept = int(self.neuron_mask.sum()) if self.neuron_mask.device.type != "meta" else self.out_features
+        return f"{super().extra_repr()}, kept_neurons={kept}"

@@ -1,0 +1,207 @@
+"""Prune and grow primitives shared by every algorithm (SPEC 3).
+
+``set_masks_`` is the one place where masks change: entries that close are set to exact zero, entries
+that re-open start at exact zero, and both get fresh optimizer state. ``prune_``/``grow_`` are the two
+directions of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
+from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.masks.wrap import masked_modules
+from torchrec_prune.train.optimizer_state import reset_state_
+
+_LINEAR_MASKS = ("weight_mask", "neuron_mask", "input_mask")
+
+
+def _check_shape(owner: str, name: str, current: torch.Tensor, new: torch.Tensor) -> None:
+    if tuple(new.shape) != tuple(current.shape):
+        raise ValueError(
+            f"{owner}: mask {name!r} must have shape {tuple(current.shape)}, got {tuple(new.shape)}"
+        )
+
+
+def _linear_keep(layer: MaskedLinear) -> torch.Tensor:
+    return layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0)
+
+
+@torch.no_grad()
+def set_linear_masks_(
+    layer: MaskedLinear,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    name: str = "MaskedLinear",
+    **masks: torch.Tensor,
+) -> tuple[int, int]:
+    """Set any of ``weight_mask``, ``neuron_mask``, ``input_mask``; returns (#closed, #re-opened) weights."""
+    unknown = set(masks) - set(_LINEAR_MASKS)
+    if unknown:
+        raise ValueError(f"{name}: unknown masks {sorted(unknown)}; expected some of {_LINEAR_MASKS}")
+    optimizers = list(optimizers)
+    before_w = _linear_keep(layer)
+    before_b = layer.neuron_mask.clone()
+    for key, value in masks.items():
+        current = getattr(layer, key)
+        _check_shape(name, key, current, value)
+        current.copy_(value.to(device=current.device, dtype=torch.bool))
+    after_w = _linear_keep(layer)
+    changed_w = before_w ^ after_w
+    layer.weight.masked_fill_(changed_w | ~after_w, 0.0)
+    reset_state_(optimizers, layer.weight, changed_w)
+    if layer.bias is not None:
+        changed_b = before_b ^ layer.neuron_mask
+        layer.bias.masked_fill_(changed_b | ~layer.neuron_mask, 0.0)
+        reset_state_(optimizers, layer.bias, changed_b)
+    return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
+
+
+def embedding_weight_blocks(
+    module: MaskedEmbeddingBagCollection,
+) -> Iterator[tuple[str, torch.Tensor, int, torch.nn.Parameter | None]]:
+    """Yield ``(table, block, first_column, parameter)`` for every locally held block of table weights.
+
+    Unsharded tables give one block (the whole weight, with its ``Parameter`` for optimizer surgery);
+    DMP-sharded tables give one block per local shard of the ``ShardedTensor`` (views into the fused
+    kernel's weights, whose optimizer is fused: ``parameter`` is ``None``).
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    params = dict(module.ebc.named_parameters())
+    for config in module.embedding_bag_configs():
+        key = f"embedding_bags.{config.name}.weight"
+        weight = module.ebc.state_dict(keep_vars=True).get(key) if key not in params else params[key]
+        if weight is None:
+            continue
+        if isinstance(weight, ShardedTensor):
+            for shard in weight.local_shards():
+                yield config.name, shard.tensor, int(shard.metadata.shard_offsets[1]), None
+        else:
+            yield config.name, weight, 0, params.get(key)
+
+
+@torch.no_grad()
+def set_embedding_masks_(
+    module: MaskedEmbeddingBagCollection,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    name: str = "MaskedEmbeddingBagCollection",
+    dim_masks: Mapping[str, torch.Tensor] | None = None,
+    feature_gate: torch.Tensor | None = None,
+) -> tuple[int, int]:
+    """Set per-table dimension masks and/or the feature gate; returns (#closed, #re-opened) columns.
+
+    Closed and re-opened table columns are zeroed in every local block. For sharded tables the fused
+    optimizer's per-row state (row-wise Adagrad's accumulator) is shared by all columns of a row and is
+    not reset; only unsharded tables get per-element optimizer-state resets.
+    """
+    optimizers = list(optimizers)
+    dim_masks = dict(dim_masks or {})
+    before = {c.name: module.dim_mask(c.name).clone() for c in module.embedding_bag_configs()}
+    for table, value in dim_masks.items():
+        current = module.dim_mask(table)
+        _check_shape(f"{name}.dim_masks.{table}", table, current, value)
+        current.copy_(value.to(device=current.device, dtype=torch.bool))
+    if feature_gate is not None:
+        _check_shape(name, "feature_gate", module.feature_gate, feature_gate)
+        module.feature_gate.copy_(feature_gate.to(device=module.feature_gate.device, dtype=torch.bool))
+    closed = opened = 0
+    for table, block, col0, param in embedding_weight_blocks(module):
+        after = module.dim_mask(table)
+        touched = (before[table] ^ after) | ~after
+        local = touched[col0 : col0 + block.shape[1]].to(block.device)
+        block[:, local] = 0.0
+        if param is not None:
+            reset_state_(optimizers, param, (before[table] ^ after).to(param.device).unsqueeze(0))
+    for table, old in before.items():
+        new = module.dim_mask(table)
+        closed += int((old & ~new).sum())
+        opened += int((~old & new).sum())
+    return closed, opened
+
+
+def set_masks_(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
+) -> tuple[int, int]:
+    """Dispatch to the Linear or EBC variant; returns (#closed, #re-opened)."""
+    label = name or type(module).__name__
+    if isinstance(module, MaskedLinear):
+        return set_linear_masks_(module, optimizers, name=label, **masks)
+    if isinstance(module, MaskedEmbeddingBagCollection):
+        return set_embedding_masks_(module, optimizers, name=label, **masks)
+    raise TypeError(
+        f"{label}: {type(module).__name__} is not mask-aware; call torchrec_prune.wrap(model) first"
+    )
+
+
+def prune_(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
+) -> int:
+    """Close the entries that are ``False`` in the given masks (never re-opens); returns #closed."""
+    merged = _merge(module, masks, torch.logical_and, name)
+    return set_masks_(module, optimizers, name=name, **merged)[0]
+
+
+def grow_(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
+) -> int:
+    """Re-open the entries that are ``True`` in the given masks at exactly zero; returns #re-opened."""
+    merged = _merge(module, masks, torch.logical_or, name)
+    return set_masks_(module, optimizers, name=name, **merged)[1]
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module) -> None:
+    """Make every masked weight an exact zero (after a load, or after an optimizer that ignores grads)."""
+    for _, module in masked_modules(model):
+        if isinstance(module, MaskedLinear):
+            module.weight.mul_(_linear_keep(module))
+            if module.bias is not None:
+                module.bias.mul_(module.neuron_mask)
+        else:
+            for table, block, col0, _ in embedding_weight_blocks(module):
+                keep = module.dim_mask(table)[col0 : col0 + block.shape[1]].to(block.device)
+                block[:, ~keep] = 0.0
+
+
+def _merge(module: nn.Module, masks: Mapping[str, object], op, name: str | None) -> dict[str, object]:
+    """Combine requested masks with the current ones, checking shapes before any arithmetic."""
+    merged = {}
+    for key, value in _flat(masks).items():
+        current = _current(module, key)
+        _check_shape(name or type(module).__name__, key, current, value)
+        merged[key] = op(current, value.to(device=current.device, dtype=torch.bool))
+    return _unflat(merged)
+
+
+def _flat(masks: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in masks.items():
+        if key == "dim_masks":
+            flat.update({f"dim_masks.{t}": v for t, v in value.items()})  # type: ignore[union-attr]
+        else:
+            flat[key] = value  # type: ignore[assignment]
+    return flat
+
+
+def _unflat(flat: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        if key.startswith("dim_masks."):
+            out.setdefault("dim_masks", {})[key.split(".", 1)[1]] = value  # type: ignore[index]
+        else:
+            out[key] = value
+    return out
+
+
+def _current(module: nn.Module, key: str) -> torch.Tensor:
+    if key.startswith("dim_masks.") and isinstance(module, MaskedEmbeddingBagCollection):
+        return module.dim_mask(key.split(".", 1)[1])
+    if isinstance(module, (MaskedLinear, MaskedEmbeddingBagCollection)) and hasattr(module, key):
+        return getattr(module, key)
+    raise ValueError(f"{type(module).__name__} has no mask {key!r}")

@@ -1,0 +1,1 @@
+"""Incremental training loop, optimizer-state surgery and FLOPs accounting."""

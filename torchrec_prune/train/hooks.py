@@ -1,0 +1,62 @@
+"""Where pruners and schedules plug into the incremental trainer.
+
+The trainer runs, per batch: forward (its logits are the look-ahead score of that batch), backward,
+``before_step``, ``optimizer.step()``, ``after_step``; and ``on_increment_end`` after the last batch of
+each increment. ``before_step`` sees the gradients of the batch, so importance scores that need them
+(Taylor, AUX's mask gradient) are accumulated there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """What a hook may read (and, for masks, change) at one training step.
+
+    Args:
+        model: the model being trained (possibly DMP-wrapped).
+        optimizers: every optimizer that owns parameters of the model (mask changes reset their state).
+        step: global step index, from 0.
+        samples_seen: samples trained on before this batch, summed over all ranks.
+        increment: index of the current increment.
+        loss: the batch loss (detached).
+        extras: free-form values a hook wants to pass to later hooks of the same step.
+    """
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    step: int = 0
+    samples_seen: int = 0
+    increment: int = 0
+    loss: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TrainHook(Protocol):
+    """A participant in the incremental loop. Every method is optional to override via ``BaseHook``."""
+
+    def before_step(self, ctx: StepContext) -> None: ...
+
+    def after_step(self, ctx: StepContext) -> None: ...
+
+    def on_increment_end(self, ctx: StepContext) -> None: ...
+
+
+class BaseHook:
+    """No-op implementations, so a hook only defines the moments it cares about."""
+
+    def before_step(self, ctx: StepContext) -> None:
+        return None
+
+    def after_step(self, ctx: StepContext) -> None:
+        return None
+
+    def on_increment_end(self, ctx: StepContext) -> None:
+        return None
