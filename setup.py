@@ -9,6 +9,7 @@ setup(
     # torch, fbgemm-gpu-cpu and torchrec are pinned and installed by the Makefile: torchrec names the
     # CUDA fbgemm-gpu as a dependency, so it is installed with --no-deps (see README).
     install_requires=[
+        "numpy",
         "tensordict",
         "torchmetrics==1.0.3",
         "tqdm",

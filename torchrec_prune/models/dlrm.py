@@ -18,7 +18,8 @@ class DLRMConfig:
     """Shape of the reference DLRM.
 
     Defaults are the growth paper's: embedding dim 4, bottom MLP 256-128-64-4, top MLP 256-128-1.
-    ``num_embeddings`` is the hash size of every categorical table.
+    ``num_embeddings`` is the hash size of every categorical table; ``feature_names`` (default
+    ``cat_0 .. cat_{num_sparse-1}``) name the sparse features, one table ``t_<feature>`` each.
     """
 
     num_dense: int = CRITEO_DENSE
@@ -27,6 +28,7 @@ class DLRMConfig:
     embedding_dim: int = 4
     dense_arch: list[int] = field(default_factory=lambda: [256, 128, 64, 4])
     over_arch: list[int] = field(default_factory=lambda: [256, 128, 1])
+    feature_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("num_dense", "num_sparse", "num_embeddings", "embedding_dim"):
@@ -42,10 +44,13 @@ class DLRMConfig:
             raise ValueError(f"DLRMConfig.over_arch must end with 1 (one logit), got {self.over_arch}")
         if any(s < 1 for s in self.dense_arch + self.over_arch):
             raise ValueError("DLRMConfig layer sizes must be >= 1")
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [f"cat_{i}" for i in range(self.num_sparse)]
+        if not self.feature_names:
+            self.feature_names = [f"cat_{i}" for i in range(self.num_sparse)]
+        if len(self.feature_names) != self.num_sparse:
+            raise ValueError(
+                f"DLRMConfig.feature_names must have num_sparse={self.num_sparse} names, "
+                f"got {len(self.feature_names)}"
+            )
 
 
 def build_dlrm(config: DLRMConfig | None = None, device: torch.device | str = "cpu") -> DLRMTrain:

@@ -26,6 +26,7 @@ class StepContext:
         samples_seen: samples trained on before this batch, summed over all ranks.
         increment: index of the current increment.
         loss: the batch loss (detached).
+        phase: label of the schedule phase (e.g. ``dense``/``sparse``) under which FLOPs are booked.
         extras: free-form values a hook wants to pass to later hooks of the same step.
     """
 
@@ -35,6 +36,7 @@ class StepContext:
     samples_seen: int = 0
     increment: int = 0
     loss: torch.Tensor | None = None
+    phase: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

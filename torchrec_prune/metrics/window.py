@@ -1,0 +1,246 @@
+"""Look-ahead window evaluation (SPEC 2): each batch is scored before the optimizer sees it.
+
+The scores are cut into windows of exactly ``window_size`` samples of the *global* stream (all ranks
+together, a batch that straddles a boundary is split), so a window's metrics describe the same samples
+whether the run used one rank or many, and two runs can be compared window by window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from torchrec_prune.metrics.functional import bce_sum, binary_auc, correct_sum, normalized_entropy
+
+_INT_FIELDS = frozenset({"window", "samples_end", "n"})
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """Metrics of one window of the global stream.
+
+    Args:
+        window: index of the window, from 0.
+        samples_end: global samples seen at the end of the window (the window is the ``n`` samples
+            before it).
+        n: samples in the window (``window_size`` except for a flushed last window).
+        ce: mean binary cross-entropy in nats.
+        ne: ``ce / H(ctr)``; NaN when the window has a single class.
+        ctr: fraction of positive labels.
+        accuracy: accuracy at threshold 0.5.
+        auc: ROC AUC (ties count half); NaN when the window has a single class.
+    """
+
+    window: int
+    samples_end: int
+    n: int
+    ce: float
+    ne: float
+    ctr: float
+    accuracy: float
+    auc: float
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> WindowRecord:
+        """Inverse of ``dataclasses.asdict``, also accepting CSV strings and ``None`` for NaN."""
+        kwargs: dict[str, int | float] = {}
+        for f in fields(cls):
+            raw = values[f.name]
+            if f.name in _INT_FIELDS:
+                kwargs[f.name] = int(raw)  # type: ignore[arg-type]
+            else:
+                kwargs[f.name] = math.nan if raw is None or raw == "" else float(raw)  # type: ignore[arg-type]
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(WindowRecord))
+
+
+@dataclass(frozen=True)
+class StreamTotals:
+    """Whole-stream metrics over every window closed so far (flushed windows included)."""
+
+    n: int
+    ce: float
+    ne: float
+    ctr: float
+    accuracy: float
+
+
+class LookAheadWindow:
+    """Accumulate look-ahead scores into fixed-size windows of the global stream.
+
+    Call ``update`` with each batch's logits computed *before* the optimizer step. Under
+    ``torch.distributed`` every rank must call ``update`` (and ``flush``) the same number of times; the
+    global order of a step's samples is rank 0's batch, then rank 1's, and so on. Sums are all-reduced
+    and the window's (score, label) pairs are all-gathered for AUC when a window closes, so every rank
+    returns identical records. Collectives run on the device of the logits (CUDA for NCCL).
+
+    Args:
+        window_size: global samples per window (>= 1).
+        process_group: group to reduce over; the default group when ``None`` and distributed is
+            initialised.
+
+    Example::
+
+        window = LookAheadWindow(1024)
+        for batch in stream:
+            _, (_, logits, labels) = model(batch)  # before optimizer.step()
+            for record in window.update(logits, labels):
+                writer.write(record)
+        last = window.flush()
+    """
+
+    def __init__(self, window_size: int, process_group: dist.ProcessGroup | None = None) -> None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        self.window_size = window_size
+        self._group = process_group
+        self._index = 0
+        self._samples = 0
+        self._filled = 0
+        self._rank_counts: list[int] = []
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._device = torch.device("cpu")
+        # Whole-stream sums over closed windows: bce, positives, correct, n.
+        self._totals = [0.0, 0.0, 0.0, 0]
+
+    @property
+    def samples_seen(self) -> int:
+        """Global samples consumed so far, including those in the open window."""
+        return self._samples
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self._group), dist.get_rank(self._group)
+        return 1, 0
+
+    def _gather_sizes(self, n_local: int, world: int) -> list[int]:
+        if world == 1:
+            return [n_local]
+        mine = torch.tensor([n_local], dtype=torch.int64, device=self._device)
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine, group=self._group)
+        return [int(t.item()) for t in everyone]
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> list[WindowRecord]:
+        """Add one batch of this rank; returns the windows this batch completed (usually none or one)."""
+        logits = logits.detach().flatten()
+        labels = labels.detach().flatten()
+        if logits.numel() != labels.numel():
+            raise ValueError(f"logits has {logits.numel()} elements but labels has {labels.numel()}")
+        self._device = logits.device
+        world, rank = self._world()
+        sizes = self._gather_sizes(logits.numel(), world)
+        if len(self._rank_counts) != world:
+            self._rank_counts = [0] * world
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        records: list[WindowRecord] = []
+        start = 0
+        while start < bounds[-1]:
+            stop = start + min(self.window_size - self._filled, bounds[-1] - start)
+            for r in range(world):
+                self._rank_counts[r] += max(0, min(stop, bounds[r + 1]) - max(start, bounds[r]))
+            lo, hi = max(start, bounds[rank]) - bounds[rank], min(stop, bounds[rank + 1]) - bounds[rank]
+            if hi > lo:
+                self._scores.append(logits[lo:hi])
+                self._labels.append(labels[lo:hi].float())
+            self._filled += stop - start
+            self._samples += stop - start
+            start = stop
+            if self._filled == self.window_size:
+                records.append(self._close())
+        return records
+
+    def flush(self) -> WindowRecord | None:
+        """Close the open, partial window (``None`` when it is empty). Call on every rank."""
+        return self._close() if self._filled else None
+
+    def totals(self) -> StreamTotals:
+        """CE, NE, CTR and accuracy over every closed window, weighted by samples."""
+        bce, pos, correct, n = self._totals
+        if n == 0:
+            return StreamTotals(0, math.nan, math.nan, math.nan, math.nan)
+        return StreamTotals(n, bce / n, normalized_entropy(bce, pos, n), pos / n, correct / n)
+
+    def _close(self) -> WindowRecord:
+        if self._scores:
+            scores, labels = torch.cat(self._scores), torch.cat(self._labels)
+        else:
+            scores = labels = torch.empty(0, dtype=torch.float32, device=self._device)
+        sums = torch.stack([bce_sum(scores, labels), labels.double().sum(), correct_sum(scores, labels)])
+        if len(self._rank_counts) > 1:
+            dist.all_reduce(sums, group=self._group)
+            scores, labels = self._gather_pairs(scores, labels)
+        bce, pos, correct = sums.tolist()
+        n = self._filled
+        record = WindowRecord(
+            window=self._index,
+            samples_end=self._samples,
+            n=n,
+            ce=bce / n,
+            ne=normalized_entropy(bce, pos, n),
+            ctr=pos / n,
+            accuracy=correct / n,
+            auc=binary_auc(scores, labels),
+        )
+        for i, value in enumerate((bce, pos, correct, n)):
+            self._totals[i] += value
+        self._index += 1
+        self._filled = 0
+        self._rank_counts = [0] * len(self._rank_counts)
+        self._scores, self._labels = [], []
+        return record
+
+    def _gather_pairs(self, scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(self._rank_counts)
+        mine = torch.zeros(2, width, dtype=torch.float64, device=self._device)
+        mine[0, : scores.numel()] = scores.double()
+        mine[1, : labels.numel()] = labels.double()
+        everyone = [torch.empty_like(mine) for _ in self._rank_counts]
+        dist.all_gather(everyone, mine, group=self._group)
+        pairs = torch.cat([t[:, :count] for t, count in zip(everyone, self._rank_counts, strict=True)], dim=1)
+        return pairs[0], pairs[1]
+
+
+def _relative(records: Sequence[WindowRecord], reference: Sequence[WindowRecord], field: str) -> list[float]:
+    if len(records) != len(reference):
+        raise ValueError(
+            f"relative {field} needs the same windows: {len(records)} vs {len(reference)} in the reference"
+        )
+    out: list[float] = []
+    for mine, ref in zip(records, reference, strict=True):
+        if mine.samples_end != ref.samples_end or mine.n != ref.n:
+            raise ValueError(
+                f"relative {field}: window {mine.window} covers {mine.n} samples ending at {mine.samples_end}"
+                f" but reference window {ref.window} covers {ref.n} ending at {ref.samples_end}"
+            )
+        out.append(getattr(mine, field) / getattr(ref, field) - 1.0)
+    return out
+
+
+def relative_ce(records: Sequence[WindowRecord], reference_records: Sequence[WindowRecord]) -> list[float]:
+    """Per window ``CE(model) / CE(reference) - 1`` on the same samples (|value| > 1e-3 is significant).
+
+    Raises:
+        ValueError: when the two runs' windows do not cover the same samples.
+    """
+    return _relative(records, reference_records, "ce")
+
+
+def relative_accuracy(
+    records: Sequence[WindowRecord], reference_records: Sequence[WindowRecord]
+) -> list[float]:
+    """Per window ``accuracy(model) / accuracy(reference) - 1`` on the same samples.
+
+    Raises:
+        ValueError: when the two runs' windows do not cover the same samples.
+    """
+    return _relative(records, reference_records, "accuracy")

@@ -1,0 +1,239 @@
+"""Training FLOPs of the fully connected layers, per sample and integrated over a run (SPEC 2).
+
+A Linear with effective input ``I`` and output ``O`` costs ``2*I*O + O`` per sample forward (no ``+ O``
+without a bias) and training counts forward + backward as 3x forward. ``I`` and ``O`` are read from the
+live masks of a ``MaskedLinear``: ``neuron_mask`` shrinks ``O`` and ``input_mask`` shrinks ``I`` (the
+structured pruner sets the next layer's ``input_mask`` when it prunes neurons, so that mask is the
+contract; nothing is inferred from the layer order). Element (unstructured) sparsity saves no dense
+FLOPs, so it is reported apart as *effective* FLOPs, ``2*nnz(kept weights) + kept biases``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchrec_prune.masks.linear import MaskedLinear
+
+TRAINING_MULTIPLIER = 3
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Sizes of one Linear and what its masks keep.
+
+    Args:
+        name: module FQN.
+        in_features, out_features: the layer's shape.
+        active_in, active_out: inputs and neurons kept by ``input_mask`` and ``neuron_mask``.
+        kept_weights: weights kept by all three masks together.
+        bias: whether the layer has a bias.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    active_in: int
+    active_out: int
+    kept_weights: int
+    bias: bool
+
+    @property
+    def dense_forward(self) -> int:
+        return 2 * self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    @property
+    def forward(self) -> int:
+        """Forward FLOPs with structured sparsity (pruned neurons and inputs removed)."""
+        return 2 * self.active_in * self.active_out + (self.active_out if self.bias else 0)
+
+    @property
+    def effective_forward(self) -> int:
+        """Forward FLOPs counting only kept weights (unstructured sparsity); an *effective* figure."""
+        return 2 * self.kept_weights + (self.active_out if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Per-sample FLOPs of every Linear of a model, per layer and in total."""
+
+    layers: tuple[LayerFlops, ...]
+
+    @property
+    def dense_forward(self) -> int:
+        return sum(layer.dense_forward for layer in self.layers)
+
+    @property
+    def forward(self) -> int:
+        return sum(layer.forward for layer in self.layers)
+
+    @property
+    def effective_forward(self) -> int:
+        return sum(layer.effective_forward for layer in self.layers)
+
+    @property
+    def dense_training(self) -> int:
+        return TRAINING_MULTIPLIER * self.dense_forward
+
+    @property
+    def training(self) -> int:
+        return TRAINING_MULTIPLIER * self.forward
+
+    @property
+    def effective_training(self) -> int:
+        return TRAINING_MULTIPLIER * self.effective_forward
+
+
+def _fc_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _layer_flops(name: str, layer: nn.Linear) -> LayerFlops:
+    if layer.weight.is_meta:
+        raise ValueError(f"cannot count FLOPs of {name!r}: its weight is on 'meta'; materialise it first")
+    out_features, in_features = layer.weight.shape
+    if isinstance(layer, MaskedLinear):
+        keep = layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0)
+        counts = torch.stack([layer.input_mask.sum(), layer.neuron_mask.sum(), keep.sum()]).tolist()
+        active_in, active_out, kept = (int(v) for v in counts)
+    else:
+        active_in, active_out, kept = in_features, out_features, in_features * out_features
+    return LayerFlops(name, in_features, out_features, active_in, active_out, kept, layer.bias is not None)
+
+
+def fc_flops(model: nn.Module) -> FlopsReport:
+    """Per-sample FLOPs of every ``nn.Linear`` (``MaskedLinear`` included) in ``model``, from its live masks.
+
+    Example::
+
+        report = fc_flops(model)
+        report.training / report.dense_training  # fraction of dense training FLOPs still spent
+    """
+    return FlopsReport(tuple(_layer_flops(name, layer) for name, layer in _fc_layers(model)))
+
+
+@dataclass(frozen=True)
+class FlopsTotals:
+    """Training FLOPs integrated over samples.
+
+    Args:
+        samples: samples trained on.
+        dense: dense-equivalent training FLOPs (every mask open).
+        actual: training FLOPs with structured sparsity.
+        effective: training FLOPs counting only kept weights (unstructured sparsity); *effective*.
+    """
+
+    samples: int = 0
+    dense: int = 0
+    actual: int = 0
+    effective: int = 0
+
+    @property
+    def saving(self) -> float:
+        """Fraction of dense training FLOPs saved by structured sparsity."""
+        return 1.0 - self.actual / self.dense if self.dense else 0.0
+
+    @property
+    def effective_saving(self) -> float:
+        """Fraction of dense training FLOPs saved when nonzeros alone are counted (effective)."""
+        return 1.0 - self.effective / self.dense if self.dense else 0.0
+
+    def __add__(self, other: FlopsTotals) -> FlopsTotals:
+        return FlopsTotals(
+            self.samples + other.samples,
+            self.dense + other.dense,
+            self.actual + other.actual,
+            self.effective + other.effective,
+        )
+
+
+def integrate_phases(phases: Iterable[tuple[int, FlopsReport]]) -> FlopsTotals:
+    """Sum over phases of ``samples x per-sample training FLOPs``: what a schedule should have spent.
+
+    A schedule checks its accounting by comparing this, built from its phases' sample counts and masks,
+    against ``FlopsMeter.totals`` measured step by step.
+    """
+    total = FlopsTotals()
+    for samples, report in phases:
+        if samples < 0:
+            raise ValueError(f"phase samples must be >= 0, got {samples}")
+        total += FlopsTotals(
+            samples,
+            samples * report.dense_training,
+            samples * report.training,
+            samples * report.effective_training,
+        )
+    return total
+
+
+@dataclass(frozen=True)
+class FlopsSegment:
+    """Consecutive samples trained with the same per-sample FLOPs and the same phase label."""
+
+    phase: str | None
+    samples: int
+    report: FlopsReport
+
+
+class FlopsMeter:
+    """Integrate per-sample training FLOPs x samples over a run.
+
+    Per-sample FLOPs are cached until a mask changes: the cache key holds each mask's identity and
+    ``_version`` (bumped by every in-place write), so ``add`` costs no host sync while masks stay put.
+
+    Example::
+
+        meter = FlopsMeter()
+        for batch in stream:
+            ...  # forward, backward, optimizer step
+            meter.add(model, batch_size * world_size, phase="sparse")
+        meter.totals.saving
+    """
+
+    def __init__(self) -> None:
+        self._segments: list[FlopsSegment] = []
+        self._cache: tuple[Hashable, FlopsReport] | None = None
+
+    def per_sample(self, model: nn.Module) -> FlopsReport:
+        """``fc_flops(model)``, recomputed only when a Linear or one of its masks changed."""
+        layers = _fc_layers(model)
+        key = tuple((name, id(m), id(m.weight), m.bias is not None, *_mask_versions(m)) for name, m in layers)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, FlopsReport(tuple(_layer_flops(name, m) for name, m in layers)))
+        return self._cache[1]
+
+    def add(self, model: nn.Module, num_samples: int, phase: str | None = None) -> None:
+        """Count ``num_samples`` samples at the model's current FLOPs (pass global counts for run totals)."""
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        report = self.per_sample(model)
+        last = self._segments[-1] if self._segments else None
+        if last is not None and last.phase == phase and last.report == report:
+            self._segments[-1] = FlopsSegment(phase, last.samples + num_samples, report)
+        else:
+            self._segments.append(FlopsSegment(phase, num_samples, report))
+
+    @property
+    def segments(self) -> tuple[FlopsSegment, ...]:
+        return tuple(self._segments)
+
+    @property
+    def totals(self) -> FlopsTotals:
+        return integrate_phases((s.samples, s.report) for s in self._segments)
+
+    def phase_totals(self) -> dict[str | None, FlopsTotals]:
+        """Totals per phase label, in order of first appearance; they add up to ``totals``."""
+        out: dict[str | None, FlopsTotals] = {}
+        for s in self._segments:
+            out[s.phase] = out.get(s.phase, FlopsTotals()) + integrate_phases([(s.samples, s.report)])
+        return out
+
+
+def _mask_versions(layer: nn.Linear) -> tuple[int, ...]:
+    if not isinstance(layer, MaskedLinear):
+        return ()
+    masks = (layer.weight_mask, layer.neuron_mask, layer.input_mask)
+    return tuple(m._version for m in masks) + tuple(id(m) for m in masks)
