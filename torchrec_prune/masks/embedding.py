@@ -40,7 +40,9 @@ class MaskedEmbeddingBagCollection(nn.Module):
     def __init__(self, ebc: EmbeddingBagCollection) -> None:
         super().__init__()
         self.ebc = ebc
-        configs = ebc.embedding_bag_configs()
+        # Kept here: after DMP, ``ebc`` is a ShardedEmbeddingBagCollection without this method.
+        self._configs: list[EmbeddingBagConfig] = list(ebc.embedding_bag_configs())
+        configs = self._configs
         device = _mask_device(ebc)
         self.dim_masks = nn.Module()
         self._feature_tables: list[tuple[str, str, int]] = []
@@ -57,7 +59,7 @@ class MaskedEmbeddingBagCollection(nn.Module):
 
     # TorchRec models read these from the EBC they hold; delegating keeps model code unchanged.
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self.ebc.embedding_bag_configs()
+        return self._configs
 
     @property
     def feature_names(self) -> list[str]:
@@ -105,7 +107,7 @@ class MaskedEmbeddingBagCollection(nn.Module):
         return KeyedTensor(
             keys=pooled.keys(),
             length_per_key=pooled.length_per_key(),
-            values=pooled.values() * column.to(pooled.values().dtype),
+            values=pooled.values() * column.to(device=pooled.values().device, dtype=pooled.values().dtype),
             key_dim=pooled.key_dim(),
         )
 

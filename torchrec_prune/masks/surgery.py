@@ -55,10 +55,16 @@ def set_linear_masks_(
     layer.weight.masked_fill_(changed_w | ~after_w, 0.0)
     reset_state_(optimizers, layer.weight, changed_w)
     if layer.bias is not None:
-        changed_b = before_b ^ layer.neuron_mask
-        layer.bias.masked_fill_(changed_b | ~layer.neuron_mask, 0.0)
-        reset_state_(optimizers, layer.bias, changed_b)
+        # A closed neuron's bias is masked in the forward (its output is exactly 0) but keeps its value:
+        # a regrown row starts at exactly 0, and behind a ReLU a zero row with a zero bias would never get
+        # a gradient again (relu'(0) = 0). The kept bias lets the regrown neuron's signal restart.
+        reset_state_(optimizers, layer.bias, before_b ^ layer.neuron_mask)
     return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
+
+
+def _tables(module: MaskedEmbeddingBagCollection) -> list[str]:
+    # The wrapper's own masks name its tables; a DMP-sharded inner EBC has no embedding_bag_configs().
+    return [name for name, _ in module.dim_masks.named_buffers()]
 
 
 def embedding_weight_blocks(
@@ -66,23 +72,48 @@ def embedding_weight_blocks(
 ) -> Iterator[tuple[str, torch.Tensor, int, torch.nn.Parameter | None]]:
     """Yield ``(table, block, first_column, parameter)`` for every locally held block of table weights.
 
-    Unsharded tables give one block (the whole weight, with its ``Parameter`` for optimizer surgery);
-    DMP-sharded tables give one block per local shard of the ``ShardedTensor`` (views into the fused
-    kernel's weights, whose optimizer is fused: ``parameter`` is ``None``).
+    Blocks come from the EBC's state dict, whose tensors are views of the live weights (for sharded
+    tables: of the fused kernel's weights). An unsharded or data-parallel table gives its whole weight,
+    with the ``Parameter`` an optimizer holds for it. A DMP-sharded table gives one block per local
+    shard of its ``ShardedTensor``, at the shard's column offset, with ``parameter`` ``None`` (its
+    optimizer is fused); a rank that holds no shard of a table gets nothing for it.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     params = dict(module.ebc.named_parameters())
-    for config in module.embedding_bag_configs():
-        key = f"embedding_bags.{config.name}.weight"
-        weight = module.ebc.state_dict(keep_vars=True).get(key) if key not in params else params[key]
-        if weight is None:
-            continue
+    state = module.ebc.state_dict(keep_vars=True)
+    for table in _tables(module):
+        key = f"embedding_bags.{table}.weight"
+        weight = state.get(key)
         if isinstance(weight, ShardedTensor):
             for shard in weight.local_shards():
-                yield config.name, shard.tensor, int(shard.metadata.shard_offsets[1]), None
-        else:
-            yield config.name, weight, 0, params.get(key)
+                yield table, shard.tensor, int(shard.metadata.shard_offsets[1]), None
+        elif weight is not None:
+            yield table, weight, 0, params.get(key)
+
+
+def fused_state_blocks(module: MaskedEmbeddingBagCollection) -> Iterator[tuple[str, str, torch.Tensor, int]]:
+    """Yield ``(table, state_name, block, first_column)`` for the fused optimizer's per-element state.
+
+    Only state with one value per weight element (exact Adagrad's sum, Adam's moments) has columns;
+    per-row state (row-wise Adagrad) and per-table scalars are not yielded. Blocks are the local shards
+    of the fused optimizer's ``ShardedTensor`` state, views of the kernel's live state.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    fused = getattr(module.ebc, "fused_optimizer", None)
+    if fused is None:
+        return
+    tables = set(_tables(module))
+    for key, param in fused.params.items():
+        table = key.rpartition("embedding_bags.")[2].removesuffix(".weight")
+        if table not in tables:
+            continue
+        for state_name, value in fused.state.get(param, {}).items():
+            if not isinstance(value, ShardedTensor) or len(value.size()) != 2:
+                continue
+            for shard in value.local_shards():
+                yield table, state_name, shard.tensor, int(shard.metadata.shard_offsets[1])
 
 
 @torch.no_grad()
@@ -96,13 +127,15 @@ def set_embedding_masks_(
 ) -> tuple[int, int]:
     """Set per-table dimension masks and/or the feature gate; returns (#closed, #re-opened) columns.
 
-    Closed and re-opened table columns are zeroed in every local block. For sharded tables the fused
-    optimizer's per-row state (row-wise Adagrad's accumulator) is shared by all columns of a row and is
-    not reset; only unsharded tables get per-element optimizer-state resets.
+    Closed and re-opened table columns are zeroed in every local block. Their optimizer state is reset
+    where it has columns: per-element state of ``optimizers`` (unsharded and data-parallel tables) and
+    the fused optimizer's per-element state of sharded tables (exact Adagrad, Adam: set to 0, the value
+    the kernel starts from). Row-wise fused state (row-wise Adagrad's one accumulator per row) is shared
+    with the row's open columns and is left as it is.
     """
     optimizers = list(optimizers)
     dim_masks = dict(dim_masks or {})
-    before = {c.name: module.dim_mask(c.name).clone() for c in module.embedding_bag_configs()}
+    before = {table: module.dim_mask(table).clone() for table in _tables(module)}
     for table, value in dim_masks.items():
         current = module.dim_mask(table)
         _check_shape(f"{name}.dim_masks.{table}", table, current, value)
@@ -110,18 +143,21 @@ def set_embedding_masks_(
     if feature_gate is not None:
         _check_shape(name, "feature_gate", module.feature_gate, feature_gate)
         module.feature_gate.copy_(feature_gate.to(device=module.feature_gate.device, dtype=torch.bool))
-    closed = opened = 0
+    changed = {table: before[table] ^ module.dim_mask(table) for table in before}
     for table, block, col0, param in embedding_weight_blocks(module):
-        after = module.dim_mask(table)
-        touched = (before[table] ^ after) | ~after
-        local = touched[col0 : col0 + block.shape[1]].to(block.device)
-        block[:, local] = 0.0
+        touched = changed[table] | ~module.dim_mask(table)
+        block[:, touched[col0 : col0 + block.shape[1]].to(block.device)] = 0.0
         if param is not None:
-            reset_state_(optimizers, param, (before[table] ^ after).to(param.device).unsqueeze(0))
-    for table, old in before.items():
-        new = module.dim_mask(table)
-        closed += int((old & ~new).sum())
-        opened += int((~old & new).sum())
+            reset_state_(optimizers, param, changed[table].to(param.device).unsqueeze(0))
+    for table, _, block, col0 in fused_state_blocks(module):
+        block[:, changed[table][col0 : col0 + block.shape[1]].to(block.device)] = 0.0
+    # UVM-caching kernels serve lookups from rows cached in HBM, not from the weights written above:
+    # drop the cache (state_dict() flushed it first) so the next lookup reads the zeros. A no-op for
+    # kernels without a cache.
+    for lookup in getattr(module.ebc, "_lookups", ()):
+        getattr(lookup, "module", lookup).purge()
+    closed = sum(int((old & ~module.dim_mask(t)).sum()) for t, old in before.items())
+    opened = sum(int((~old & module.dim_mask(t)).sum()) for t, old in before.items())
     return closed, opened
 
 
@@ -160,9 +196,7 @@ def apply_masks_(model: nn.Module) -> None:
     """Make every masked weight an exact zero (after a load, or after an optimizer that ignores grads)."""
     for _, module in masked_modules(model):
         if isinstance(module, MaskedLinear):
-            module.weight.mul_(_linear_keep(module))
-            if module.bias is not None:
-                module.bias.mul_(module.neuron_mask)
+            module.weight.mul_(_linear_keep(module))  # biases of closed neurons are kept (set_linear_masks_)
         else:
             for table, block, col0, _ in embedding_weight_blocks(module):
                 keep = module.dim_mask(table)[col0 : col0 + block.shape[1]].to(block.device)

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torchrec.datasets.utils import Batch
 
 
 @dataclass
@@ -25,6 +26,7 @@ class StepContext:
         step: global step index, from 0.
         samples_seen: samples trained on before this batch, summed over all ranks.
         increment: index of the current increment.
+        batch: this rank's current batch (already on the device).
         loss: the batch loss (detached).
         phase: label of the schedule phase (e.g. ``dense``/``sparse``) under which FLOPs are booked.
         extras: free-form values a hook wants to pass to later hooks of the same step.
@@ -35,6 +37,7 @@ class StepContext:
     step: int = 0
     samples_seen: int = 0
     increment: int = 0
+    batch: Batch | None = None
     loss: torch.Tensor | None = None
     phase: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)

@@ -143,6 +143,7 @@ class IncrementalTrainer:
         loss, logits = self.forward_fn(self.model, batch)
         closed = self.window.update(logits, batch.labels)
         loss.backward()
+        self.ctx.batch = batch
         self.ctx.loss = loss.detach()
         for hook in self.hooks:
             hook.before_step(self.ctx)
@@ -155,6 +156,23 @@ class IncrementalTrainer:
         self.ctx.step += 1
         self.ctx.samples_seen += global_samples
         self._record(closed)
+        return closed
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> list[WindowRecord]:
+        """Score ``batch`` into the look-ahead window without learning from it (a frozen model)."""
+        batch = batch.to(self.device)
+        _, logits = self.forward_fn(self.model, batch)
+        closed = self.window.update(logits, batch.labels)
+        self.ctx.samples_seen += batch.labels.numel() * self.world_size
+        self._record(closed)
+        return closed
+
+    def score_increment(self, increment: Increment) -> list[WindowRecord]:
+        """Score every batch of ``increment`` without training (no hooks fire)."""
+        closed: list[WindowRecord] = []
+        for batch in increment.batches():
+            closed += self.score(batch)
         return closed
 
     def train_increment(self, increment: Increment) -> list[WindowRecord]:

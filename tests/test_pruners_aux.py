@@ -1,0 +1,277 @@
+"""AUX pruning (SPEC 4): linear STE, rescaled update, revival, freezing, finalization, lambda."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchrec_prune as tp
+from torchrec_prune.data.synthetic import SyntheticStream
+from torchrec_prune.importance import combined_importance, mean_normalized
+from torchrec_prune.masks import MaskedLinear
+from torchrec_prune.models import DLRMConfig, build_dlrm
+from torchrec_prune.pruners import AuxConfig, AuxPruner, Pruner, Targets, overall_sparsity
+from torchrec_prune.train.hooks import StepContext
+from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return tp.wrap(nn.Sequential(*layers[:-1]))
+
+
+def _task(n: int = 256, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] * x[:, 3] > 0).float()
+    return x, y
+
+
+def _train_step(model, pruner, x, y, ctx) -> float:
+    for o in ctx.optimizers:
+        o.zero_grad(set_to_none=True)
+    loss = F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+    loss.backward()
+    pruner.before_step(ctx)
+    for o in ctx.optimizers:
+        o.step()
+    pruner.after_step(ctx)
+    ctx.step += 1
+    ctx.samples_seen += len(y)
+    return float(loss.detach())
+
+
+def _pretrained(steps: int = 150) -> nn.Sequential:
+    model = _mlp([8, 32, 16, 1])
+    x, y = _task()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
+        opt.step()
+    return model
+
+
+def test_ste_mask_gradient_equals_g_times_theta_also_where_closed():
+    layer = MaskedLinear(5, 3)
+    with torch.no_grad():
+        layer.weight_mask[0, 1] = False
+        layer.weight_mask[2, 4] = False
+    layer.capture_effective_grad = True
+    x = torch.randn(7, 5)
+    target = torch.randn(7, 3)
+    F.mse_loss(layer(x), target).backward()
+    # Reference: differentiate w.r.t. a real-valued mask m in W * m, evaluated at the binary mask.
+    m = layer.weight_mask.float().requires_grad_(True)
+    F.mse_loss(F.linear(x, layer.weight.detach() * m, layer.bias.detach()), target).backward()
+    G = layer.effective_grad * layer.weight.detach()
+    torch.testing.assert_close(G, m.grad)
+    assert G[0, 1] != 0 and G[2, 4] != 0
+    # weight.grad hides closed positions; effective_grad does not.
+    assert layer.weight.grad[0, 1] == 0
+
+
+def test_rescaled_terms_average_one_per_layer_whatever_the_scale():
+    x = torch.rand(40, 30) * 1e-4
+    y = torch.rand(40, 30) * 1e3
+    assert mean_normalized(x).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert combined_importance(0.3, x, 0.7, y).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.all(mean_normalized(torch.zeros(4)) == 0)
+
+
+def test_aux_update_moves_latent_by_eps_times_w1_plus_w2_minus_lambda_on_average_per_layer():
+    model = _mlp([8, 32, 16, 1])
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)  # very different scales between layers
+        model[2].weight.mul_(1e-3)
+    cfg = AuxConfig(
+        lam=0.4, w1=0.25, w2=0.5, eps=0.1, phase_steps=10, targets=Targets(include_output_layer=True)
+    )
+    pruner = AuxPruner(model, cfg)
+    ctx = StepContext(model=model, optimizers=[])
+    x, y = _task()
+    before = {k: v.clone() for k, v in pruner.latent.items()}
+    _train_step(model, pruner, x, y, ctx)
+    for fqn, latent in pruner.latent.items():
+        mean_step = (latent - before[fqn]).mean().item()
+        assert mean_step == pytest.approx(0.1 * (0.25 + 0.5 - 0.4), rel=1e-4), fqn
+
+
+def test_pruned_weight_keeps_its_value_and_revives_under_linear_ste():
+    # y depends only on input 0. Weight 0 starts pruned (as if pruned early) while keeping its value;
+    # the loss then misses it, its |g * theta| dominates the layer, and a climbs back above 0.
+    torch.manual_seed(1)
+    model = tp.wrap(nn.Sequential(nn.Linear(4, 1)))
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, 0.05, -0.05, 0.05]]))
+        layer.bias.zero_()
+    x = torch.randn(512, 4)
+    y = 2.0 * x[:, 0:1]
+    pruner = AuxPruner(
+        model, AuxConfig(lam=1.0, eps=0.05, phase_steps=100, targets=Targets(include_output_layer=True))
+    )
+    pruner.latent["0"][0, 0] = -0.2
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    ctx = StepContext(model=model, optimizers=[opt])
+    history = []
+    for _ in range(20):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        pruner.before_step(ctx)
+        history.append((bool(layer.weight_mask[0, 0]), float(layer.weight[0, 0].detach())))
+        opt.step()
+        pruner.after_step(ctx)
+    assert history[0] == (False, 2.0)  # pruned, value kept
+    revived_at = next(i for i, (open_, _) in enumerate(history) if open_)
+    assert 0 < revived_at < 10
+    assert all(value == 2.0 for _, value in history[: revived_at + 1])  # frozen while pruned
+    assert not torch.any(pruner.latent["0"][0, 1:] > pruner.latent["0"][0, 0])
+
+
+def test_pruned_weights_are_frozen_during_the_phase_with_momentum_and_weight_decay():
+    model = _pretrained(50)
+    pruner = AuxPruner(model, AuxConfig(lam=1.8, eps=0.2, phase_steps=50))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    ctx = StepContext(model=model, optimizers=[opt])
+    x, y = _task()
+    layer = model[0]
+    for _ in range(10):
+        _train_step(model, pruner, x, y, ctx)
+    closed = ~layer.weight_mask.clone()
+    assert closed.any()
+    held = layer.weight.detach().clone()
+    _train_step(model, pruner, x, y, ctx)
+    still_closed = closed & ~layer.weight_mask
+    assert still_closed.any()
+    assert torch.equal(layer.weight[still_closed], held[still_closed])
+    assert torch.all(layer.weight[still_closed] != 0)  # values kept, not zeroed
+    assert not torch.equal(layer.weight[layer.weight_mask], held[layer.weight_mask])  # open ones train
+
+
+def test_finalize_zeroes_pruned_resets_state_and_fine_tuning_with_momentum_keeps_them_zero():
+    model = _pretrained(50)
+    pruner = AuxPruner(model, AuxConfig(lam=1.75, eps=0.1, phase_steps=30))
+    assert isinstance(pruner, Pruner)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ctx = StepContext(model=model, optimizers=[opt])
+    x, y = _task()
+    for _ in range(30):
+        _train_step(model, pruner, x, y, ctx)
+    assert pruner.finalized  # the phase ended by itself
+    closed = {fqn: ~layer.weight_mask.clone() for fqn, layer in pruner.linears.items()}
+    assert overall_sparsity(pruner.stats()) > 0.3
+    for fqn, layer in pruner.linears.items():
+        assert torch.all(layer.weight[closed[fqn]] == 0)
+        assert torch.all(opt.state[layer.weight]["momentum_buffer"][closed[fqn]] == 0)
+        assert not layer.capture_effective_grad
+    for _ in range(20):
+        _train_step(model, pruner, x, y, ctx)
+    for fqn, layer in pruner.linears.items():
+        assert torch.equal(~layer.weight_mask, closed[fqn])  # mask stays fixed
+        assert torch.all(layer.weight[closed[fqn]] == 0)
+
+
+def test_output_layer_is_left_alone_by_default():
+    model = _mlp([8, 16, 1])
+    pruner = AuxPruner(model, AuxConfig())
+    assert list(pruner.linears) == ["0"]
+    assert list(AuxPruner(model, AuxConfig(targets=Targets(include_output_layer=True))).linears) == ["0", "2"]
+
+
+def test_larger_lambda_gives_higher_sparsity_on_a_trained_model():
+    base = _pretrained()
+    x, y = _task()
+    sparsities = []
+    for lam in (0.25, 0.75, 1.25, 1.75, 2.25):
+        model = copy.deepcopy(base)
+        pruner = AuxPruner(model, AuxConfig(lam=lam, eps=0.05, phase_steps=60))
+        opt = torch.optim.Adam(model.parameters(), lr=0.005)
+        ctx = StepContext(model=model, optimizers=[opt])
+        for _ in range(60):
+            _train_step(model, pruner, x, y, ctx)
+        sparsities.append(overall_sparsity(pruner.stats()))
+    assert all(a < b for a, b in zip(sparsities, sparsities[1:], strict=False)), sparsities
+    assert sparsities[0] < 0.2 and sparsities[-1] > 0.7, sparsities
+
+
+def test_adaptation_variant_keeps_updating_the_mask():
+    model = _pretrained(50)
+    pruner = AuxPruner(model, AuxConfig(lam=1.5, eps=0.1, phase_steps=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx = StepContext(model=model, optimizers=[opt])
+    x, y = _task()
+    masks = []
+    for _ in range(40):
+        _train_step(model, pruner, x, y, ctx)
+        masks.append(model[0].weight_mask.clone())
+    assert not pruner.finalized
+    assert not torch.equal(masks[10], masks[-1])
+    pruner.finalize([opt])
+    assert pruner.finalized and torch.all(model[0].weight[~model[0].weight_mask] == 0)
+
+
+def test_aux_runs_inside_the_incremental_trainer_on_dlrm():
+    config = DLRMConfig(
+        num_sparse=4, num_dense=3, num_embeddings=50, dense_arch=[16, 4], over_arch=[16, 8, 1]
+    )
+    stream = SyntheticStream(1536, drift=0.0, seed=0, num_dense=3, num_sparse=4, num_embeddings=50)
+    model = tp.wrap(build_dlrm(config))
+    pruner = AuxPruner(model, AuxConfig(lam=1.75, eps=0.1, phase_steps=8))
+    trainer = IncrementalTrainer(
+        model, TrainConfig(batch_size=64, window=512, increment_rows=512, progress=False), hooks=[pruner]
+    )
+    trainer.run(stream)
+    stats = pruner.stats()
+    assert pruner.finalized
+    assert set(stats) == {
+        "model.dense_arch.model._mlp.0._linear",
+        "model.dense_arch.model._mlp.1._linear",
+        "model.over_arch.model.0._mlp.0._linear",
+        "model.over_arch.model.0._mlp.1._linear",
+    }
+    assert 0.3 < overall_sparsity(stats) < 1.0
+    for fqn, layer in pruner.linears.items():
+        assert torch.all(layer.weight[~layer.weight_mask] == 0), fqn
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lam": -0.1}, "lam"),
+        ({"w1": -1.0}, "w1"),
+        ({"w1": 0.0, "w2": 0.0}, "w1 + "),
+        ({"eps": 0.0}, "eps"),
+        ({"a0": -1.0}, "a0"),
+        ({"phase_steps": 0}, "phase_steps"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=re.escape(f"AuxConfig.{field}")):
+        AuxConfig(**kwargs)
+
+
+def test_non_mask_aware_modules_raise_type_error_naming_fqn_and_type():
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(TypeError, match=r"'0' of type Linear is not mask-aware"):
+        AuxPruner(plain, AuxConfig())
+    mixed = tp.wrap(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), tp.WrapConfig(include=["0"]))
+    mixed.add_module("extra", nn.Conv1d(1, 1, 1))
+    with pytest.raises(TypeError, match=r"'extra' of type Conv1d"):
+        AuxPruner(mixed, AuxConfig(targets=Targets(include=["extra"])))
+    with pytest.raises(ValueError, match="final output layer"):
+        AuxPruner(tp.wrap(nn.Sequential(nn.Linear(4, 1))), AuxConfig(targets=Targets(include=["0"])))

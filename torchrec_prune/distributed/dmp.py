@@ -1,0 +1,282 @@
+"""Shard a wrapped TorchRec model with ``DistributedModelParallel`` (SPEC 8).
+
+Wrapping happens before sharding: ``MaskedEmbeddingBagCollection`` composes around the EBC, so the
+planner sees the same EBC (now at ``<path>.ebc``) and TorchRec's own sharder shards it. The plan is
+therefore the unwrapped model's plan, table for table; ``plan_by_table`` makes that checkable.
+
+Embedding tables train with TorchRec's fused optimizer (the update runs inside the backward of the
+embedding kernel); everything else, data-parallel tables included, trains with the dense optimizer
+returned by ``shard``. Both kinds of state are reset by ``torchrec_prune.masks.surgery`` when masks
+change, as far as the fused kernel allows (see ``set_embedding_masks_``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, Topology, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+# Fused (in-backward) embedding optimizers. "sgd", "adagrad" and "rowwise_adagrad" run on CPU and GPU;
+# "adam" needs a GPU. "adagrad" keeps one accumulator per element, "rowwise_adagrad" one per row.
+FUSED_OPTIMIZERS: dict[str, EmbOptimType] = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adam": EmbOptimType.ADAM,
+}
+DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+}
+
+
+@dataclass
+class ShardingConfig:
+    """How ``shard`` plans the tables and which optimizers train the model.
+
+    Args:
+        fused_optimizer: optimizer fused into the embedding kernels, one of ``FUSED_OPTIMIZERS``.
+        dense_optimizer: ``torch.optim`` optimizer for the dense parameters, one of ``DENSE_OPTIMIZERS``.
+        lr: learning rate of the embedding tables (> 0).
+        dense_lr: learning rate of the dense parameters (> 0); ``None`` uses ``lr``.
+        batch_size: per-rank batch size the planner assumes when it estimates costs (>= 1).
+        storage_reservation: fraction of each device's memory the planner keeps for dense tensors and
+            activations, in [0, 1). A fixed fraction (rather than TorchRec's estimate from the dense
+            tensors) keeps the plan independent of the mask buffers that ``wrap`` adds.
+        constraints: per-table ``ParameterConstraints`` (sharding types, kernels, column-shard sizes).
+    """
+
+    fused_optimizer: str = "rowwise_adagrad"
+    dense_optimizer: str = "adagrad"
+    lr: float = 0.01
+    dense_lr: float | None = None
+    batch_size: int = 512
+    storage_reservation: float = 0.15
+    constraints: Mapping[str, ParameterConstraints] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fused_optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(
+                f"ShardingConfig.fused_optimizer must be one of {sorted(FUSED_OPTIMIZERS)}, "
+                f"got {self.fused_optimizer!r}"
+            )
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(
+                f"ShardingConfig.dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}, "
+                f"got {self.dense_optimizer!r}"
+            )
+        for name in ("lr", "dense_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ShardingConfig.{name} must be > 0, got {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"ShardingConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not 0 <= self.storage_reservation < 1:
+            raise ValueError(
+                f"ShardingConfig.storage_reservation must be in [0, 1), got {self.storage_reservation!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """One shard of a table: offsets and sizes (rows, columns) and where it lives."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    placement: str
+
+
+@dataclass(frozen=True)
+class TableSharding:
+    """A table's ``ParameterSharding`` reduced to what decides where its rows and columns live.
+
+    ``module`` (the FQN of the EBC that holds the table) is informative and not compared: it is the
+    one thing that differs between a wrapped and an unwrapped model.
+    """
+
+    sharding_type: str
+    compute_kernel: str
+    ranks: tuple[int, ...]
+    shards: tuple[ShardSummary, ...]
+    module: str = field(default="", compare=False)
+
+
+@dataclass
+class ShardedModel:
+    """What a trainer needs after sharding.
+
+    Attributes:
+        model: the DMP-wrapped model; ``model.fused_optimizer`` holds the embedding optimizers.
+        optimizer: dense optimizer over the parameters that are not trained in the backward; call its
+            ``step()`` after ``backward()`` and pass it to ``set_masks_``/``prune_``/``grow_``.
+        plan: the sharding plan used.
+    """
+
+    model: DistributedModelParallel
+    optimizer: KeyedOptimizer
+    plan: ShardingPlan
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (env vars) and return this rank's device.
+
+    Uses NCCL on ``cuda:LOCAL_RANK`` when a GPU is visible, otherwise gloo on CPU. Calling it again
+    once the group exists only returns the device.
+    """
+    use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    return device
+
+
+def make_sharder(config: ShardingConfig) -> EmbeddingBagCollectionSharder:
+    """TorchRec's EBC sharder with the fused optimizer of ``config``."""
+    return EmbeddingBagCollectionSharder(
+        fused_params={"optimizer": FUSED_OPTIMIZERS[config.fused_optimizer], "learning_rate": config.lr}
+    )
+
+
+def plan_sharding(
+    model: nn.Module,
+    config: ShardingConfig,
+    *,
+    world_size: int,
+    compute_device: str = "cpu",
+    local_world_size: int | None = None,
+    pg: dist.ProcessGroup | None = None,
+) -> ShardingPlan:
+    """Plan how every ``EmbeddingBagCollection`` of ``model`` (on ``meta`` or not) is sharded.
+
+    With ``pg`` the plan is made on rank 0 and broadcast, so every rank shards identically; without it
+    the plan is made locally (for inspection, or on each rank of a deterministic setup).
+
+    Raises:
+        ValueError: unless ``world_size >= 1`` is a multiple of ``local_world_size >= 1`` (ranks per
+            host, default ``world_size``).
+    """
+    local = world_size if local_world_size is None else local_world_size
+    if world_size < 1 or local < 1 or world_size % local:
+        raise ValueError(
+            f"world_size must be >= 1 and a multiple of local_world_size >= 1, got {world_size} and {local}"
+        )
+    topology: Topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local),
+        kernel_config=KernelConfig(compute_device=compute_device),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=config.batch_size,
+        storage_reservation=FixedPercentageStorageReservation(config.storage_reservation),
+        constraints=dict(config.constraints),
+        debug=False,
+    )
+    sharders: list[ModuleSharder[nn.Module]] = [make_sharder(config)]  # type: ignore[list-item]
+    if pg is not None:
+        return planner.collective_plan(model, sharders, pg)
+    return planner.plan(model, sharders)
+
+
+def shard(
+    model: nn.Module,
+    device: torch.device,
+    config: ShardingConfig | None = None,
+    *,
+    pg: dist.ProcessGroup | None = None,
+    plan: ShardingPlan | None = None,
+) -> ShardedModel:
+    """Shard ``model`` (wrapped, usually built on ``meta``) over the ranks of ``pg`` with DMP.
+
+    DMP materialises meta parameters on ``device`` and re-initialises their modules (a MaskedLinear's
+    masks are reset to all-True there; a MaskedEmbeddingBagCollection's masks are real tensors from the
+    start). The dense optimizer is built afterwards, over the materialised non-fused parameters.
+
+    Args:
+        model: the model; call ``torchrec_prune.wrap`` on it first.
+        device: this rank's compute device (``init_distributed()`` returns it).
+        config: optimizers and planner settings; defaults to ``ShardingConfig()``.
+        pg: process group; defaults to the default (WORLD) group, which must be initialised.
+        plan: a plan to reuse (e.g. to shard a fresh model exactly like a checkpointed one).
+    """
+    config = config or ShardingConfig()
+    if pg is None:
+        if not dist.is_initialized():
+            raise RuntimeError("shard() needs a process group: call init_distributed() under torchrun first")
+        pg = dist.GroupMember.WORLD
+    assert pg is not None
+    if plan is None:
+        plan = plan_sharding(
+            model,
+            config,
+            world_size=pg.size(),
+            compute_device=device.type,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", pg.size())),
+            pg=pg,
+        )
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
+        sharders=[make_sharder(config)],  # type: ignore[list-item]
+    )
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizer_cls = DENSE_OPTIMIZERS[config.dense_optimizer]
+    lr = config.lr if config.dense_lr is None else config.dense_lr
+    optimizer = KeyedOptimizerWrapper(dense, lambda params: optimizer_cls(params, lr=lr))
+    return ShardedModel(model=dmp, optimizer=optimizer, plan=plan)
+
+
+def plan_by_table(plan: ShardingPlan) -> dict[str, TableSharding]:
+    """Map every table of ``plan`` to its ``TableSharding`` (sharding type, kernel, ranks, shards).
+
+    Two plans shard the same tables the same way exactly when these dicts are equal, whatever the
+    module paths (e.g. ``...embedding_bag_collection`` vs ``...embedding_bag_collection.ebc``).
+
+    Raises:
+        ValueError: if two modules of the plan hold a table of the same name.
+    """
+    tables: dict[str, TableSharding] = {}
+    for module_path, module_plan in plan.plan.items():
+        if not isinstance(module_plan, EmbeddingModuleShardingPlan):
+            continue
+        for table, sharding in module_plan.items():
+            if table in tables:
+                raise ValueError(
+                    f"table {table!r} is planned in both {tables[table].module!r} and {module_path!r}"
+                )
+            spec = sharding.sharding_spec
+            shards = tuple(
+                ShardSummary(
+                    offsets=tuple(s.shard_offsets),
+                    sizes=tuple(s.shard_sizes),
+                    placement=str(s.placement),
+                )
+                for s in (getattr(spec, "shards", None) or [])
+            )
+            tables[table] = TableSharding(
+                sharding_type=sharding.sharding_type,
+                compute_kernel=sharding.compute_kernel,
+                ranks=tuple(sharding.ranks or ()),
+                shards=shards,
+                module=module_path,
+            )
+    return tables

@@ -1,0 +1,154 @@
+"""AUX: auxiliary-mask pruning with a learned per-layer sparsity (SPEC 4, D2S paper section 5).
+
+Every weight ``theta_i`` has a latent score ``a_i`` and the forward uses ``I(a_i > 0) * theta_i``. With the
+linear straight-through estimator the mask gradient is ``G_i = g_i * theta_i``, ``g`` the gradient w.r.t.
+the effective weight (captured by ``MaskedLinear`` also where the mask is closed). Each step, per layer::
+
+    a <- a + eps * (w1 * |G| / mean|G| + w2 * |theta| / mean|theta| - lambda)
+
+so weights whose rescaled importance stays below lambda drift to ``a <= 0`` and are pruned, and pruned
+weights whose importance rises come back: their values are kept during the phase. lambda is the only
+sparsity knob; each layer's sparsity is learned.
+
+During the phase ``weight_mask`` is written directly (not through ``set_masks_``, which would zero the
+pruned values). Pruned weights are frozen: their gradients are zeroed before the optimizer step, so
+momentum and Adagrad state gain nothing from them, and their values are restored after it, so neither
+old momentum nor weight decay moves them. ``finalize`` then makes pruned weights exact zeros with fresh
+optimizer state (``set_masks_``), and training continues with that fixed mask. The adaptation variant
+(``phase_steps=None``) never finalizes by itself and keeps learning the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from torchrec_prune.importance.reduce import all_reduce_mean_
+from torchrec_prune.importance.weight import check_weights, combined_importance
+from torchrec_prune.masks.surgery import set_masks_
+from torchrec_prune.pruners.base import OptimizersArg, PrunerBase, optimizers_of
+from torchrec_prune.pruners.rules import latent_sign
+from torchrec_prune.pruners.schedules import check_steps
+from torchrec_prune.pruners.targets import Targets, select_linears
+from torchrec_prune.train.hooks import StepContext
+
+
+@dataclass
+class AuxConfig:
+    """Settings of AUX pruning.
+
+    Args:
+        lam: sparsity penalty lambda (>= 0); with the rescaled terms about 1.75 gives 75% sparsity.
+        w1: weight of the Taylor term |G| / mean|G| (>= 0).
+        w2: weight of the magnitude term |theta| / mean|theta| (>= 0); w1 + w2 > 0.
+        eps: SGD step of the latent scores (> 0).
+        a0: initial latent score of open weights (> 0); closed weights start at -a0.
+        phase_steps: steps of the pruning phase, after which the mask is frozen (>= 1); ``None`` is the
+            adaptation variant, which keeps updating the mask.
+        targets: which Linears are pruned (the output layer only with ``include_output_layer``).
+    """
+
+    lam: float = 1.75
+    w1: float = 0.5
+    w2: float = 0.5
+    eps: float = 0.01
+    a0: float = 1.0
+    phase_steps: int | None = 1000
+    targets: Targets = field(default_factory=Targets)
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ValueError(f"AuxConfig.lam must be >= 0, got {self.lam!r}")
+        check_weights("AuxConfig", self.w1, self.w2)
+        for name in ("eps", "a0"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"AuxConfig.{name} must be > 0, got {value!r}")
+        if self.phase_steps is not None:
+            check_steps("AuxConfig", "phase_steps", self.phase_steps)
+
+
+class AuxPruner(PrunerBase):
+    """Learn masks by the AUX dynamics during ``phase_steps`` steps, then freeze them.
+
+    Args:
+        model: the wrapped model (possibly DMP-wrapped).
+        config: penalty, weights, step and phase.
+
+    Example::
+
+        pruner = AuxPruner(model, AuxConfig(lam=1.75, phase_steps=2000))
+        IncrementalTrainer(model, TrainConfig(), hooks=[pruner]).run(stream)
+        print(overall_sparsity(pruner.stats()))
+    """
+
+    def __init__(self, model: nn.Module, config: AuxConfig) -> None:
+        super().__init__(select_linears(model, config.targets, "AuxPruner"))
+        self.config = config
+        self.latent = {
+            fqn: torch.where(layer.weight_mask, config.a0, -config.a0).float()
+            for fqn, layer in self.linears.items()
+        }
+        self._held: dict[str, torch.Tensor] = {}
+        for layer in self.linears.values():
+            layer.capture_effective_grad = True
+            layer.effective_grad = None
+
+    @torch.no_grad()
+    def before_step(self, ctx: StepContext) -> None:
+        """Update the latent scores from this batch's gradients and set the masks the optimizer sees."""
+        if self.finalized:
+            return
+        fqns = sorted(self.linears)
+        grads = []
+        for fqn in fqns:
+            layer = self.linears[fqn]
+            grad = layer.effective_grad
+            grads.append(torch.zeros_like(layer.weight) if grad is None else grad)
+            layer.effective_grad = None
+        all_reduce_mean_(grads)
+        cfg = self.config
+        for fqn, grad in zip(fqns, grads, strict=True):
+            layer = self.linears[fqn]
+            theta = layer.weight.detach()
+            importance = combined_importance(cfg.w1, grad * theta, cfg.w2, theta)
+            latent = self.latent[fqn]
+            latent.add_(importance.float() - cfg.lam, alpha=cfg.eps)
+            keep = latent_sign(latent)
+            layer.weight_mask.copy_(keep)
+            if layer.weight.grad is not None:
+                layer.weight.grad.masked_fill_(~keep, 0.0)
+            self._held[fqn] = theta.clone()
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        """Put pruned weights back to their values from before the optimizer step."""
+        if self.finalized:
+            return
+        self._restore_held()
+        self.steps += 1
+        if self.config.phase_steps is not None and self.steps >= self.config.phase_steps:
+            self.finalize(ctx)
+
+    def _restore_held(self) -> None:
+        for fqn, held in self._held.items():
+            layer = self.linears[fqn]
+            layer.weight.copy_(torch.where(layer.weight_mask, layer.weight, held))
+        self._held.clear()
+
+    @torch.no_grad()
+    def finalize(self, ctx_or_optimizers: OptimizersArg = None) -> None:
+        """Freeze the mask ``a > 0``: pruned weights become exact zeros with fresh optimizer state."""
+        if self.finalized:
+            return
+        optimizers = optimizers_of(ctx_or_optimizers)
+        self._restore_held()
+        for fqn, layer in self.linears.items():
+            # Re-open first so that set_masks_ sees every pruned weight as newly closed and resets its state.
+            layer.weight_mask.fill_(True)
+            set_masks_(layer, optimizers, name=fqn, weight_mask=latent_sign(self.latent[fqn]))
+            layer.capture_effective_grad = False
+            layer.effective_grad = None
+        self.finalized = True
