@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,8 +127,10 @@ def run_job(
     trainer = IncrementalTrainer(
         model, config.train, optimizers=optimizers, hooks=hooks or [], writer=writer, device=device
     )
+    start = time.perf_counter()
     try:
         result = trainer.run(stream)
+        result.wall_seconds = time.perf_counter() - start
     finally:
         if writer is not None:
             writer.close()
@@ -146,6 +149,8 @@ def summarize(result: RunResult, stream: Stream, model: torch.nn.Module) -> dict
     tail = records[-max(1, len(records) // 4) :] if records else []
     return {
         "samples": result.samples,
+        "wall_seconds": result.wall_seconds,
+        "samples_per_second": result.samples / result.wall_seconds if result.wall_seconds else None,
         "windows": len(records),
         "last_quarter_ce": sum(r.ce for r in tail) / len(tail) if tail else None,
         "last_quarter_ne": sum(r.ne for r in tail) / len(tail) if tail else None,

@@ -83,6 +83,7 @@ class RunResult:
     samples: int = 0
     steps: int = 0
     flops: FlopsTotals = field(default_factory=FlopsTotals)
+    wall_seconds: float = 0.0
 
 
 class IncrementalTrainer:
