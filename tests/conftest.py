@@ -42,3 +42,22 @@ def run_torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: int 
 # Two cores, and torchrun children of their own: one intra-op thread per test process avoids
 # oversubscription (measured: 0.5 s vs 29 s for one test under load with two threads).
 torch.set_num_threads(1)
+
+
+def wrapped_mlp(sizes: list[int]) -> torch.nn.Sequential:
+    """A wrapped plain MLP (Linear/ReLU stack) for pruner tests that need no TorchRec model."""
+    import torchrec_prune as tp
+
+    layers: list[torch.nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [torch.nn.Linear(sizes[i], sizes[i + 1]), torch.nn.ReLU()]
+    return tp.wrap(torch.nn.Sequential(*layers[:-1]))
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

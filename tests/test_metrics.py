@@ -3,12 +3,12 @@
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from torchrec_prune.metrics import (
     LookAheadWindow,
@@ -196,14 +196,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_reproduce_single_process_records(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     logits, labels = _stream(sum(GLOBAL_SIZES), seed=4)
     single = LookAheadWindow(WINDOW)
     expected = _run(single, logits, labels, GLOBAL_SIZES)

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import wrapped_mlp
 from torch import nn
 
 import torchrec_prune as tp
@@ -16,22 +17,6 @@ from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.pruners import AuxConfig, AuxPruner, Pruner, Targets, overall_sparsity
 from torchrec_prune.train.hooks import StepContext
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-    return tp.wrap(nn.Sequential(*layers[:-1]))
 
 
 def _task(n: int = 256, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +41,7 @@ def _train_step(model, pruner, x, y, ctx) -> float:
 
 
 def _pretrained(steps: int = 150) -> nn.Sequential:
-    model = _mlp([8, 32, 16, 1])
+    model = wrapped_mlp([8, 32, 16, 1])
     x, y = _task()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(steps):
@@ -94,7 +79,7 @@ def test_rescaled_terms_average_one_per_layer_whatever_the_scale():
 
 
 def test_aux_update_moves_latent_by_eps_times_w1_plus_w2_minus_lambda_on_average_per_layer():
-    model = _mlp([8, 32, 16, 1])
+    model = wrapped_mlp([8, 32, 16, 1])
     with torch.no_grad():
         model[0].weight.mul_(100.0)  # very different scales between layers
         model[2].weight.mul_(1e-3)
@@ -187,7 +172,7 @@ def test_finalize_zeroes_pruned_resets_state_and_fine_tuning_with_momentum_keeps
 
 
 def test_output_layer_is_left_alone_by_default():
-    model = _mlp([8, 16, 1])
+    model = wrapped_mlp([8, 16, 1])
     pruner = AuxPruner(model, AuxConfig())
     assert list(pruner.linears) == ["0"]
     assert list(AuxPruner(model, AuxConfig(targets=Targets(include_output_layer=True))).linears) == ["0", "2"]

@@ -1,13 +1,13 @@
 """Two real processes (gloo on loopback) see different data yet reach the same masks (SPEC 8)."""
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 from torch import nn
 
 import torchrec_prune as tp
@@ -68,14 +68,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp_and_aux_masks_are_identical_across_ranks_with_different_data(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     for fqn in r0["tp"]:
         assert torch.equal(r0["tp"][fqn], r1["tp"][fqn]), fqn

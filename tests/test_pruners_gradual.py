@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import wrapped_mlp
 from torch import nn
 
 import torchrec_prune as tp
@@ -23,22 +24,6 @@ from torchrec_prune.pruners import (
 from torchrec_prune.train.hooks import StepContext
 
 FACTORIES = {"MP": magnitude_pruner, "TP": taylor_pruner, "MoP": momentum_pruner}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-    return tp.wrap(nn.Sequential(*layers[:-1]))
 
 
 def _data(n: int = 128, d: int = 13, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +50,7 @@ def _expected_kept(n: int, sparsity: float) -> int:
 
 @pytest.mark.parametrize("method", sorted(FACTORIES))
 def test_ramp_reaches_exactly_the_target_in_every_layer(method):
-    model = _mlp([13, 7, 5, 1])
+    model = wrapped_mlp([13, 7, 5, 1])
     cfg = GradualConfig(
         sparsity=0.63, phase_steps=6, update_every=2, targets=Targets(include_output_layer=True)
     )
@@ -94,7 +79,7 @@ def test_ramp_reaches_exactly_the_target_in_every_layer(method):
 
 
 def test_magnitude_keeps_the_largest_weights():
-    model = _mlp([13, 16, 1])
+    model = wrapped_mlp([13, 16, 1])
     layer = model[0]
     before = layer.weight.detach().abs().clone()
     pruner = magnitude_pruner(model, GradualConfig(sparsity=0.75, phase_steps=1))
@@ -105,7 +90,7 @@ def test_magnitude_keeps_the_largest_weights():
 
 
 def test_taylor_scores_are_accumulated_abs_gradient_times_weight():
-    model = _mlp([13, 6, 1])
+    model = wrapped_mlp([13, 6, 1])
     layer = model[0]
     pruner = taylor_pruner(model, GradualConfig(sparsity=0.5), schedule=OneShot(3))
     ctx = StepContext(model=model, optimizers=[])  # no weight updates: the scores are easy to recompute
@@ -125,7 +110,7 @@ def test_taylor_scores_are_accumulated_abs_gradient_times_weight():
 
 
 def test_momentum_can_regrow_a_pruned_weight_at_zero_in_the_adaptation_variant():
-    model = _mlp([4, 3, 1])
+    model = wrapped_mlp([4, 3, 1])
     layer = model[0]
     cfg = GradualConfig(sparsity=0.5, phase_steps=1, reselect_every_samples=100)
     pruner = momentum_pruner(model, cfg, w1=0.5, w2=0.5, decay=0.5)
@@ -147,7 +132,7 @@ def test_momentum_can_regrow_a_pruned_weight_at_zero_in_the_adaptation_variant()
 
 
 def test_pruned_weights_stay_zero_during_fine_tuning_with_sgd_momentum():
-    model = _mlp([13, 16, 8, 1])
+    model = wrapped_mlp([13, 16, 8, 1])
     pruner = taylor_pruner(model, GradualConfig(sparsity=0.8, phase_steps=4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     ctx = StepContext(model=model, optimizers=[opt])
@@ -268,7 +253,7 @@ def test_bad_config_names_the_field(kwargs, field):
 
 
 def test_bad_momentum_weights_and_unsupported_combinations():
-    model = _mlp([4, 4, 1])
+    model = wrapped_mlp([4, 4, 1])
     with pytest.raises(ValueError, match="Momentum.w1 \\+ Momentum.w2 must be > 0"):
         momentum_pruner(model, GradualConfig(sparsity=0.5), w1=0.0, w2=0.0)
     with pytest.raises(ValueError, match="Momentum.decay must be in"):

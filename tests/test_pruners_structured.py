@@ -29,15 +29,6 @@ BOTTOM = "model.dense_arch.model._mlp"
 TOP = "model.over_arch.model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _dlrm() -> nn.Module:
     return tp.wrap(build_dlrm(CONFIG))
 
