@@ -112,7 +112,7 @@ def test_train_config_rejects_bad_values():
         TrainConfig(momentum=1.5)
 
 
-def test_two_torchrun_ranks_match_one_process(tmp_path: Path):
+def test_two_torchrun_ranks_match_one_process_and_agree_on_masks(tmp_path: Path):
     rows, window = 6000, 1500
     run_torchrun(
         REPO / "tests" / "dist_workers" / "trainer_worker.py",
@@ -122,6 +122,16 @@ def test_two_torchrun_ranks_match_one_process(tmp_path: Path):
     assert ranks["overlap"] == 0
     assert ranks["rows_per_rank"] == [rows // 2, rows // 2]
     assert ranks["distinct"] == rows
+    # Pruners under DMP (AUX on the top MLP, Taylor on the bottom MLP and embedding dims): every rank
+    # reached the same masks from different rows, and pruned sharded columns are exact zeros.
+    assert ranks["masks_identical"]
+    assert ranks["pruned_columns_zero"]
+    sparsity = ranks["mask_sparsity"]
+    assert any(v > 0 for k, v in sparsity.items() if "over_arch" in k)
+    assert all(
+        v == pytest.approx(0.5, abs=0.02) for k, v in sparsity.items() if "dense_arch" in k and "mlp.0" in k
+    )
+    assert all(v == pytest.approx(0.25) for k, v in sparsity.items() if k.startswith("dim_masks."))
 
     single = run_job(
         JobConfig(

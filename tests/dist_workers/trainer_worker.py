@@ -1,4 +1,4 @@
-"""One torchrun rank of the incremental-trainer test: trains with DMP and records which rows it saw.
+"""One torchrun rank of the incremental-trainer test: trains with DMP, prunes, and records what it saw.
 
 Usage: trainer_worker.py RUN_DIR ROWS BATCH_SIZE WINDOW
 """
@@ -7,9 +7,12 @@ import hashlib
 import json
 import sys
 
+import torch
 import torch.distributed as dist
 
+from torchrec_prune.masks.surgery import embedding_weight_blocks
 from torchrec_prune.models import DLRMConfig
+from torchrec_prune.pruners import AuxConfig, AuxPruner, GradualConfig, Targets, taylor_pruner
 from torchrec_prune.train.hooks import BaseHook, StepContext
 from torchrec_prune.train.job import JobConfig, run_job
 from torchrec_prune.train.trainer import TrainConfig
@@ -26,6 +29,12 @@ class RowRecorder(BaseHook):
             self.rows.append(hashlib.sha1(row.numpy().tobytes()).hexdigest())
 
 
+def gather(value: object) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def main() -> None:
     run_dir, rows, batch_size, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     config = JobConfig(
@@ -38,15 +47,39 @@ def main() -> None:
         checkpoint=False,
     )
     recorder = RowRecorder()
-    result = run_job(config, hooks=[recorder])
-    seen: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(seen, recorder.rows)
+    pruners = []
+
+    def hooks(model):
+        # Under DMP: AUX on the top MLP, Taylor on the bottom MLP and the embedding dimensions. Each rank
+        # sees different rows; reduced statistics must give every rank the same masks.
+        aux = AuxConfig(lam=1.5, eps=0.05, phase_steps=20, targets=Targets(["*over_arch*"]))
+        taylor = GradualConfig(
+            sparsity=0.5,
+            phase_steps=20,
+            embedding_sparsity=0.25,
+            targets=Targets(["*dense_arch*", "*embedding_bag_collection"]),
+        )
+        pruners.extend([AuxPruner(model, aux), taylor_pruner(model, taylor)])
+        return [recorder, *pruners]
+
+    result = run_job(config, hooks=hooks)
+    masks = {f"{fqn}.mask": layer.weight_mask.clone() for p in pruners for fqn, layer in p.linears.items()}
+    (ebc,) = pruners[1].embeddings.values()
+    masks.update({f"dim_masks.{name}": buf.clone() for name, buf in ebc.dim_masks.named_buffers()})
+    zero_columns = all(
+        bool(torch.all(block[:, ~ebc.dim_mask(table)[col0 : col0 + block.shape[1]]] == 0))
+        for table, block, col0, _ in embedding_weight_blocks(ebc)
+    )
+    seen, all_masks, all_zero = gather(recorder.rows), gather(masks), gather(zero_columns)
     if dist.get_rank() == 0:
         out = {
             "rows_per_rank": [len(r) for r in seen],
             "distinct": len(set().union(*map(set, seen))),
             "overlap": len(set(seen[0]) & set(seen[1])),
             "ce": [r.ce for r in result.records],
+            "masks_identical": all(torch.equal(masks[k], other[k]) for other in all_masks for k in masks),
+            "mask_sparsity": {k: 1 - v.float().mean().item() for k, v in masks.items()},
+            "pruned_columns_zero": all(all_zero),
         }
         with open(f"{run_dir}/ranks.json", "w") as f:
             json.dump(out, f)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,13 +96,17 @@ def sharding_config(train: TrainConfig) -> ShardingConfig:
     )
 
 
+HookFactory = Callable[[torch.nn.Module], Sequence[TrainHook]]
+
+
 def run_job(
-    config: JobConfig, hooks: list[TrainHook] | None = None, stream: Stream | None = None
+    config: JobConfig, hooks: Sequence[TrainHook] | HookFactory = (), stream: Stream | None = None
 ) -> RunResult:
     """Train once over the stream and write the run folder (rank 0 writes files).
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank joins the process group, builds the model on ``meta``,
-    wraps it and lets DMP shard it; rows are partitioned across ranks without overlap.
+    wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. ``hooks`` may be a
+    function of the built (possibly sharded) model, for pruners that need it.
     """
     enable_ftz_daz()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -125,7 +130,12 @@ def run_job(
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
         writer = MetricsWriter(run_dir)
     trainer = IncrementalTrainer(
-        model, config.train, optimizers=optimizers, hooks=hooks or [], writer=writer, device=device
+        model,
+        config.train,
+        optimizers=optimizers,
+        hooks=hooks(model) if callable(hooks) else hooks,
+        writer=writer,
+        device=device,
     )
     start = time.perf_counter()
     try:
