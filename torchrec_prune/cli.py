@@ -1,4 +1,4 @@
-"""``torchrec-prune``: command-line entry point (train, demo).
+"""``torchrec-prune``: command-line entry point (train, prune, demo).
 
 Bad input (unknown flags, bad paths, out-of-range values) ends with a one-line error and exit code 2,
 before any training starts.
@@ -108,6 +108,56 @@ def _is_nproc(argv: Sequence[str], i: int) -> bool:
     return a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
 
 
+# Which methods each sparsity knob of ``prune`` applies to (a knob given to another method is an error).
+_PRUNE_KNOBS = {
+    "lam": ("aux",),
+    "eps": ("aux",),
+    "sparsity": ("mp", "tp", "mop"),
+    "beta": ("taylor-neuron",),
+}
+
+
+def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job, run_prune_job
+    from torchrec_prune.train.job import JobConfig
+
+    knobs = {k: getattr(args, k) for k in _PRUNE_KNOBS if getattr(args, k) is not None}
+    prune = PruneConfig(method=args.method, prune_rows=args.prune_rows, **knobs)  # checks every value
+    for knob in knobs:
+        if args.method not in _PRUNE_KNOBS[knob]:
+            methods = "|".join(_PRUNE_KNOBS[knob])
+            raise ValueError(f"--{knob} applies to --method {methods}, not {args.method!r}")
+    config = PruneJobConfig(
+        checkpoint=args.checkpoint,
+        job=JobConfig(
+            data=args.data,
+            rows=args.rows,
+            drift=args.drift,
+            seed=args.seed,
+            model=model_config(args),
+            train=train_config(args),
+            run_dir=args.run_dir,
+            checkpoint=not args.no_checkpoint,
+        ),
+        prune=prune,
+        start_row=args.start_row,
+    )
+    prepared = prepare_prune_job(config)  # missing checkpoint, bad rows, shape mismatch: before training
+
+    def run() -> int:
+        result, table = run_prune_job(prepared)
+        print(table)
+        last = result.records[-1] if result.records else None
+        tail = f"; last window CE {last.ce:.4f}" if last else ""
+        print(
+            f"{prune.label}: pruned-layer sparsity {result.sparsity:.4f} after {result.phase_steps} steps"
+            f"{tail}; outputs in {args.run_dir}"
+        )
+        return 0
+
+    return run
+
+
 def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     from torchrec_prune.demo import prepare_demo
 
@@ -124,6 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default="runs/train")
     train.add_argument("--no-checkpoint", action="store_true")
     train.set_defaults(func=_cmd_train)
+
+    prune = sub.add_parser(
+        "prune",
+        help="prune a trained checkpoint on a stretch of the stream, then train on with the fixed mask",
+        description="Load a checkpoint (model flags must match it), prune it on rows [--start-row, "
+        "--start-row + --prune-rows) and train on with the fixed mask to the end of the stream. A synthetic "
+        "stream continues the one a checkpoint was trained on when the ratio --drift / --rows is the same "
+        "(e.g. train --rows 100000 --drift 0.5, then prune --rows 200000 --drift 1 --start-row 100000).",
+    )
+    add_stream_args(prune, rows=100_000, window=5_000, increment_rows=10_000)
+    prune.add_argument("--method", required=True, help="aux | mp | tp | mop | taylor-neuron")
+    prune.add_argument("--checkpoint", required=True, help="DCP checkpoint folder, e.g. RUN/checkpoint")
+    prune.add_argument("--lam", type=float, default=None, help="AUX sparsity penalty lambda (default 1.75)")
+    prune.add_argument("--eps", type=float, default=None, help="AUX latent-score step (default 0.05)")
+    prune.add_argument("--sparsity", type=float, default=None, help="MP/TP/MoP per-layer target (0.8)")
+    prune.add_argument("--beta", type=float, default=None, help="taylor-neuron pruned fraction (default 0.5)")
+    prune.add_argument("--prune-rows", type=int, default=20_000, help="rows of the pruning phase")
+    prune.add_argument("--start-row", type=int, default=0, help="first row of the pruning phase")
+    prune.add_argument("--run-dir", default="runs/prune")
+    prune.add_argument("--no-checkpoint", action="store_true", help="do not save the pruned model")
+    prune.set_defaults(func=_cmd_prune)
 
     demo = sub.add_parser("demo", help="the main job on the built-in synthetic stream")
     add_stream_args(demo, rows=60_000, window=3_000, increment_rows=10_000)
