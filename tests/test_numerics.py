@@ -41,11 +41,14 @@ def test_set_flush_denormal_alone_misses_existing_worker_threads():
 
 
 def test_count_denormals():
-    layer = torch.nn.Linear(4, 4)
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.weight[0, :3] = 1e-41
-        layer.bias.fill_(1.0)
-    tp.numerics.disable_ftz_daz()
-    assert tp.count_denormals(layer) == 3
-    assert tp.count_denormals(torch.tensor([0.0, 1e-39, 1.0])) == 1
+    tp.numerics.disable_ftz_daz()  # other tests may have enabled it: denormal literals would flush to 0
+    try:
+        layer = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.weight[0, :3] = 1e-41
+            layer.bias.fill_(1.0)
+        assert tp.count_denormals(layer) == 3
+        assert tp.count_denormals(torch.tensor([0.0, 1e-39, 1.0])) == 1
+    finally:
+        tp.enable_ftz_daz()

@@ -176,14 +176,18 @@ def check_plan(device: torch.device, world: int) -> tuple[ShardedModel, list[str
     sharded = shard(wrapped, device, sharding)
     plain, mine = plan_by_table(plain_plan), plan_by_table(sharded.plan)
     assert plain == mine, (plain, mine)
-    return sharded, keys, {
-        "identical": plain == mine,
-        "modules": sorted(sharded.plan.plan),
-        "plain_modules": sorted(plain_plan.plan),
-        "tables": {
-            t: [s.sharding_type, s.compute_kernel, list(s.ranks), len(s.shards)] for t, s in mine.items()
+    return (
+        sharded,
+        keys,
+        {
+            "identical": plain == mine,
+            "modules": sorted(sharded.plan.plan),
+            "plain_modules": sorted(plain_plan.plan),
+            "tables": {
+                t: [s.sharding_type, s.compute_kernel, list(s.ranks), len(s.shards)] for t, s in mine.items()
+            },
         },
-    }
+    )
 
 
 def check_masks_open(sharded: ShardedModel, keys: list[str]) -> dict[str, Any]:

@@ -1,0 +1,565 @@
+"""Dense-to-Sparse (D2S, SPEC 6, D2S paper section 4): a dense job, pruning jobs and serving lines.
+
+- ``DenseJob`` trains the full model on every increment, forever, and keeps a snapshot (deep copies of
+  the model's and optimizer's state dicts) taken before each of the last ``p`` increments.
+- ``PruningJob`` turns the snapshot from ``p`` increments back into a sparse model: AUX pruning on the
+  data of those ``p`` increments, then fine-tuning with the fixed mask on the rest of them.
+- ``ServingJob`` is one serving line: the sparse model that serves now, scored look-ahead on each
+  increment *before* it trains on that increment (with its fixed mask).
+
+``D2SController`` interleaves them in one process, increment by increment. Several serving lines can
+share one dense job, so they are compared on the same samples against the same dense model:
+
+- ``fixed``: D2S, a new sparse model replaces the serving one every ``r`` increments.
+- ``adaptive``: D2S, also early when the serving model's look-ahead CE on an increment exceeds the dense
+  model's on the same increment by more than ``threshold`` (relative).
+- ``fixed_mask``: the single AUX sparse model, fine-tuned with its fixed mask forever (baseline).
+- ``adaptation``: the single AUX model whose mask keeps learning during serving (AUX never frozen).
+
+The first sparse model is produced after ``warmup`` increments; until then the dense model serves every
+line (its scores stand in), so every line's windows cover the whole stream and relative CE is always
+taken on the same samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from tqdm import tqdm
+
+from torchrec_prune.data.stream import Increment, Stream, iter_increments
+from torchrec_prune.metrics.functional import bce_sum
+from torchrec_prune.metrics.window import LookAheadWindow, WindowRecord
+from torchrec_prune.metrics.writer import MetricsWriter
+from torchrec_prune.pruners.aux import AuxConfig, AuxPruner
+from torchrec_prune.pruners.base import overall_sparsity
+from torchrec_prune.train.flops import FlopsTotals
+from torchrec_prune.train.hooks import TrainHook
+from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, default_forward, make_optimizer
+
+LINES = ("fixed", "adaptive", "fixed_mask", "adaptation")
+ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"D2SConfig.{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class D2SConfig:
+    """D2S settings, in increments of the stream.
+
+    Args:
+        r: a new sparse model serves every ``r`` increments (>= 1, and >= ``p``: with ``r < p`` more than
+            ``p + 1`` jobs would run at once, which the paradigm rules out).
+        p: the sparse model is pruned from the dense snapshot ``p`` increments back, on those ``p``
+            increments' data (>= 1).
+        threshold: adaptive mode: relative look-ahead CE gap (serving vs dense, same increment) above which
+            a new sparse model is produced early (> 0). Set it above the gap of a freshly pruned model.
+        warmup: increments the dense model trains before the first sparse model serves (>= ``p``; default
+            ``p``).
+        prune_fraction: share of the ``p`` increments' batches spent in AUX's pruning phase, in (0, 1];
+            the rest fine-tunes with the fixed mask.
+        aux: AUX settings (``phase_steps`` is set from ``prune_fraction``).
+        lines: serving lines to run on the shared dense job, a non-empty subset of ``LINES``.
+
+    Example::
+
+        D2SConfig(r=4, p=2, lines=("fixed", "adaptive", "fixed_mask", "adaptation"))
+    """
+
+    r: int = 4
+    p: int = 2
+    threshold: float = 0.01
+    warmup: int | None = None
+    prune_fraction: float = 0.5
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    lines: tuple[str, ...] = ("fixed",)
+
+    def __post_init__(self) -> None:
+        _check_int("r", self.r, 1)
+        _check_int("p", self.p, 1)
+        if self.r < self.p:
+            raise ValueError(
+                f"D2SConfig.r must be >= p (got r={self.r}, p={self.p}): with r < p more than p + 1 jobs "
+                "would run in parallel"
+            )
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and self.threshold > 0
+        ):
+            raise ValueError(f"D2SConfig.threshold must be > 0, got {self.threshold!r}")
+        if self.warmup is not None:
+            _check_int("warmup", self.warmup, self.p)
+        if not (isinstance(self.prune_fraction, (int, float)) and 0 < self.prune_fraction <= 1):
+            raise ValueError(f"D2SConfig.prune_fraction must be in (0, 1], got {self.prune_fraction!r}")
+        if not isinstance(self.aux, AuxConfig):
+            raise ValueError(f"D2SConfig.aux must be an AuxConfig, got {type(self.aux).__name__}")
+        self.lines = tuple(self.lines)
+        unknown = [name for name in self.lines if name not in LINES]
+        if not self.lines or unknown or len(set(self.lines)) != len(self.lines):
+            raise ValueError(f"D2SConfig.lines must be distinct names from {LINES}, got {self.lines!r}")
+
+    @property
+    def first_serving(self) -> int:
+        """Increment from which the first sparse model serves (``warmup``, or ``p`` when unset)."""
+        return self.p if self.warmup is None else self.warmup
+
+
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class IncrementScores:
+    """Look-ahead logits and labels of one model on one increment."""
+
+    logits: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def ce(self) -> float:
+        n = sum(t.numel() for t in self.labels)
+        if not n:
+            return float("nan")
+        return float(bce_sum(torch.cat(self.logits), torch.cat(self.labels))) / n
+
+
+class _Capture:
+    """A ``forward_fn`` that also keeps each batch's look-ahead logits and labels."""
+
+    def __init__(self, base: ForwardFn = default_forward) -> None:
+        self.base = base
+        self.scores = IncrementScores()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = self.base(model, batch)
+        self.scores.logits.append(logits.detach().reshape(-1))
+        self.scores.labels.append(batch.labels.detach().reshape(-1))
+        return loss, logits
+
+    def take(self) -> IncrementScores:
+        scores, self.scores = self.scores, IncrementScores()
+        return scores
+
+
+def _quiet(train: TrainConfig) -> TrainConfig:
+    return replace(train, progress=False)
+
+
+@dataclass
+class Snapshot:
+    """The dense job's state before it trained on increment ``increment``."""
+
+    increment: int
+    model_state: dict[str, Any]
+    optimizer_state: dict[str, Any]
+
+
+class DenseJob:
+    """Train the dense model on every increment and keep snapshots of the last ``keep`` increments.
+
+    Args:
+        model: the wrapped dense model.
+        train: loop settings.
+        keep: snapshots to keep (the ``p`` of D2S, >= 1).
+        device: where batches go.
+    """
+
+    def __init__(self, model: nn.Module, train: TrainConfig, keep: int, device: torch.device | str = "cpu"):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"DenseJob.keep must be an integer >= 1, got {keep!r}")
+        self.model = model
+        self.optimizer = make_optimizer(model.parameters(), train)
+        self.capture = _Capture()
+        self.trainer = IncrementalTrainer(
+            model, _quiet(train), optimizers=[self.optimizer], device=device, forward_fn=self.capture
+        )
+        self.keep = keep
+        self.snapshots: dict[int, Snapshot] = {}
+        self.records: list[WindowRecord] = []
+        self.seconds = 0.0
+
+    def train(self, increment: Increment) -> IncrementScores:
+        """Snapshot, then train on ``increment``; returns its look-ahead scores."""
+        self.snapshots[increment.index] = Snapshot(
+            increment.index,
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
+        for old in [k for k in self.snapshots if k <= increment.index - self.keep]:
+            del self.snapshots[old]
+        started = time.perf_counter()
+        self.records += self.trainer.train_increment(increment)
+        self.seconds += time.perf_counter() - started
+        return self.capture.take()
+
+    def snapshot(self, increment: int) -> Snapshot:
+        if increment not in self.snapshots:
+            raise KeyError(f"no dense snapshot of increment {increment}; kept: {sorted(self.snapshots)}")
+        return self.snapshots[increment]
+
+    def finish(self) -> None:
+        last = self.trainer.window.flush()
+        if last is not None:
+            self.records.append(last)
+
+    @property
+    def flops(self) -> FlopsTotals:
+        return self.trainer.flops.totals
+
+
+@dataclass(frozen=True)
+class Birth:
+    """What a serving line keeps of each sparse model it served (not its weights).
+
+    Args:
+        birth: first increment it served.
+        source: increment of the dense snapshot it was pruned from.
+        sparsity: fraction of pruned weights over the pruned Linears when it was made.
+        flops: training FLOPs its pruning job spent.
+        seconds: wall time of its pruning job.
+    """
+
+    birth: int
+    source: int
+    sparsity: float
+    flops: FlopsTotals
+    seconds: float
+
+
+@dataclass
+class SparseModel:
+    """A model made by a pruning job.
+
+    Args:
+        model, optimizer: the sparse model and its optimizer (state carried over from the snapshot).
+        birth: first increment it serves.
+        source: increment of the dense snapshot it was pruned from.
+        hooks: hooks that keep running while it serves (the AUX pruner of the adaptation variant).
+        sparsity: fraction of pruned weights over the pruned Linears when it was made.
+        flops: training FLOPs its pruning job spent.
+        seconds: wall time of its pruning job.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    birth: int
+    source: int
+    hooks: list[TrainHook]
+    sparsity: float
+    flops: FlopsTotals
+    seconds: float
+
+    def summary(self) -> Birth:
+        return Birth(self.birth, self.source, self.sparsity, self.flops, self.seconds)
+
+    def clone(self) -> SparseModel:
+        """An independent copy (model and optimizer state), to serve on another line."""
+        model, optimizer = copy.deepcopy((self.model, self.optimizer))  # one memo: the copy owns its params
+        return replace(self, model=model, optimizer=optimizer, hooks=[])
+
+
+class PruningJob:
+    """Prune a dense snapshot with AUX on the data of the increments after it, then fine-tune the fixed mask.
+
+    Args:
+        template: a model with the dense model's structure (snapshots are loaded into deep copies of it).
+        train: loop settings.
+        aux: AUX settings.
+        prune_fraction: share of the data's batches spent in the AUX phase.
+        device: where batches go.
+    """
+
+    def __init__(
+        self,
+        template: nn.Module,
+        train: TrainConfig,
+        aux: AuxConfig,
+        prune_fraction: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.template = copy.deepcopy(template)
+        self.train = _quiet(train)
+        self.aux = aux
+        self.prune_fraction = prune_fraction
+        self.device = device
+
+    def run(
+        self, snapshot: Snapshot, increments: Sequence[Increment], birth: int, *, adapt: bool = False
+    ) -> SparseModel:
+        """Make the sparse model that serves from ``birth``.
+
+        With ``adapt`` the AUX mask is never frozen: the pruner comes back in ``hooks`` and keeps learning
+        the mask while the model serves (the adaptation variant).
+        """
+        started = time.perf_counter()
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(snapshot.model_state)
+        optimizer = make_optimizer(model.parameters(), self.train)
+        optimizer.load_state_dict(snapshot.optimizer_state)
+        batches = sum(inc.num_batches for inc in increments)
+        phase_steps = None if adapt else max(1, round(self.prune_fraction * batches))
+        pruner = AuxPruner(model, replace(self.aux, phase_steps=phase_steps))
+        trainer = IncrementalTrainer(
+            model, self.train, optimizers=[optimizer], hooks=[pruner], device=self.device
+        )
+        for increment in increments:
+            trainer.train_increment(increment)
+        if not adapt:
+            pruner.finalize(trainer.ctx)  # a no-op when the phase already ended
+        return SparseModel(
+            model=model,
+            optimizer=optimizer,
+            birth=birth,
+            source=snapshot.increment,
+            hooks=[pruner] if adapt else [],
+            sparsity=overall_sparsity(pruner.stats()),
+            flops=trainer.flops.totals,
+            seconds=time.perf_counter() - started,
+        )
+
+
+class ServingJob:
+    """One serving line: the sparse model serving now, trained incrementally with its fixed mask.
+
+    Each batch is scored by the serving model before it trains on it. The look-ahead window belongs to
+    the line, not to a model, so it runs on across model swaps (and across the warm-up, when the dense
+    model's scores stand in).
+
+    Args:
+        name: the line's name.
+        train: loop settings.
+        device: where batches go.
+    """
+
+    def __init__(self, name: str, train: TrainConfig, device: torch.device | str = "cpu") -> None:
+        self.name = name
+        self.train = _quiet(train)
+        self.device = device
+        self.window = LookAheadWindow(train.window)
+        self.capture = _Capture()
+        self.records: list[WindowRecord] = []
+        self.current: SparseModel | None = None
+        self.trainer: IncrementalTrainer | None = None
+        self.births: list[Birth] = []
+        self.history: list[tuple[int, int]] = []  # (increment served, birth of the model serving it)
+        self.gaps: list[tuple[int, float]] = []  # (increment, relative CE vs dense on that increment)
+        self.flops = FlopsTotals()
+        self.seconds = 0.0
+
+    def install(self, sparse: SparseModel) -> None:
+        """Replace the serving model."""
+        if self.trainer is not None:
+            self.flops = self.flops + self.trainer.flops.totals
+        self.current = sparse
+        self.births.append(sparse.summary())
+        self.trainer = IncrementalTrainer(
+            sparse.model,
+            self.train,
+            optimizers=[sparse.optimizer],
+            hooks=sparse.hooks,
+            device=self.device,
+            forward_fn=self.capture,
+        )
+        self.trainer.window = self.window  # the line's window, shared by every model it serves
+
+    def serve(self, increment: Increment) -> IncrementScores:
+        """Score each batch of ``increment`` look-ahead, then train on it; returns the scores."""
+        if self.trainer is None or self.current is None:
+            raise RuntimeError(f"serving line {self.name!r} has no model yet")
+        started = time.perf_counter()
+        self.records += self.trainer.train_increment(increment)
+        self.seconds += time.perf_counter() - started
+        self.history.append((increment.index, self.current.birth))
+        return self.capture.take()
+
+    def stand_in(self, scores: IncrementScores) -> None:
+        """Serve the dense model's scores of an increment (before the first sparse model exists)."""
+        for logits, labels in zip(scores.logits, scores.labels, strict=True):
+            self.records += self.window.update(logits, labels)
+
+    def finish(self) -> None:
+        last = self.window.flush()
+        if last is not None:
+            self.records.append(last)
+        if self.trainer is not None:
+            self.flops = self.flops + self.trainer.flops.totals
+            self.trainer = None
+
+
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class LineResult:
+    """One serving line over the whole stream.
+
+    Args:
+        name: the line.
+        records: look-ahead windows of whatever served (dense scores during the warm-up).
+        history: ``(increment, birth)`` for every increment a sparse model served.
+        births: increment from which each sparse model served.
+        sources: increment of the dense snapshot each sparse model was pruned from.
+        sparsity: pruned fraction of each sparse model when it was made.
+        gaps: ``(increment, relative CE vs dense)`` per served increment.
+        serving_flops: training FLOPs of the serving models (``effective`` counts AUX's kept weights).
+        pruning_flops: training FLOPs of the pruning jobs this line used.
+        serving_seconds, pruning_seconds: wall time of serving-model training and of pruning jobs.
+    """
+
+    name: str
+    records: list[WindowRecord]
+    history: list[tuple[int, int]]
+    births: list[int]
+    sources: list[int]
+    sparsity: list[float]
+    gaps: list[tuple[int, float]]
+    serving_flops: FlopsTotals
+    pruning_flops: FlopsTotals
+    serving_seconds: float
+    pruning_seconds: float
+
+    @property
+    def max_age(self) -> int:
+        """Oldest age, in increments, of a served model (0: served in its first increment)."""
+        return max((k - birth for k, birth in self.history), default=0)
+
+
+@dataclass
+class D2SResult:
+    """Dense reference and serving lines on the same samples.
+
+    Args:
+        dense: the dense model's look-ahead windows.
+        lines: each serving line's result.
+        warmup_rows: stream positions before the first sparse model served.
+        dense_flops, dense_seconds: the dense job's training FLOPs and wall time.
+    """
+
+    dense: list[WindowRecord]
+    lines: dict[str, LineResult]
+    warmup_rows: int
+    dense_flops: FlopsTotals
+    dense_seconds: float
+
+    def write(self, run_dir: str | Path) -> None:
+        """``windows.jsonl``/``windows.csv`` under ``run_dir/dense`` and ``run_dir/<line>``."""
+        for name, records in [("dense", self.dense), *((n, line.records) for n, line in self.lines.items())]:
+            with MetricsWriter(Path(run_dir) / name) as writer:
+                writer.write_all(records)
+
+
+class D2SController:
+    """Run the dense job, the pruning jobs and the serving lines of ``config`` over ``stream``.
+
+    Per increment ``k``: lines due a new model get one (made by a pruning job from the dense snapshot of
+    increment ``k - p`` on increments ``k - p .. k - 1``; models born at the same increment are made once
+    and copied); the dense job snapshots, then trains on ``k``; each line serves ``k`` (or, in the
+    warm-up, takes the dense scores); the adaptive line compares its CE on ``k`` with the dense model's.
+
+    Args:
+        model: the wrapped dense model (trained in place by the dense job).
+        stream: the time-ordered stream.
+        train: loop settings (``increment_rows`` is the increment Delta).
+        config: D2S settings and lines.
+        device: where batches go.
+
+    Raises:
+        ValueError: a stream with no increment left to serve after the warm-up.
+
+    Example::
+
+        result = D2SController(wrap(build_dlrm()), SyntheticStream(200_000, drift=2.0), TrainConfig(),
+                               D2SConfig(r=4, p=2, lines=("fixed", "fixed_mask"))).run()
+        pooled_relative(result.lines["fixed"].records, result.dense, since=result.warmup_rows)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stream: Stream,
+        train: TrainConfig,
+        config: D2SConfig,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.increments = list(iter_increments(stream, train.increment_rows, train.batch_size))
+        if len(self.increments) <= config.first_serving:
+            raise ValueError(
+                f"the stream has {len(self.increments)} increments of {train.increment_rows} rows but D2S "
+                f"warms up for {config.first_serving}; use more rows or smaller increments"
+            )
+        self.config = config
+        self.train = train
+        self.pruning = PruningJob(model, train, config.aux, config.prune_fraction, device)
+        self.dense = DenseJob(model, train, keep=config.p, device=device)
+        self.lines = {name: ServingJob(name, train, device) for name in config.lines}
+        self._made: dict[int, SparseModel] = {}
+        self._early: set[str] = set()
+
+    def _due(self, name: str, k: int) -> bool:
+        line = self.lines[name]
+        if line.current is None:
+            return k >= self.config.first_serving
+        if name in ("fixed_mask", "adaptation"):
+            return False
+        return k - line.current.birth >= self.config.r or name in self._early
+
+    def _produce(self, name: str, k: int) -> SparseModel:
+        p = self.config.p
+        snapshot, data = self.dense.snapshot(k - p), self.increments[k - p : k]
+        if name == "adaptation":
+            return self.pruning.run(snapshot, data, birth=k, adapt=True)
+        if k not in self._made:  # lines due at the same increment get copies of one pruning job's model
+            self._made = {k: self.pruning.run(snapshot, data, birth=k)}
+        return self._made[k].clone()
+
+    def run(self) -> D2SResult:
+        """Train over the whole stream; returns every line's windows and the dense model's."""
+        for increment in tqdm(
+            self.increments, desc="d2s", unit="increment", disable=not self.train.progress, dynamic_ncols=True
+        ):
+            k = increment.index
+            for name, line in self.lines.items():
+                if self._due(name, k):
+                    line.install(self._produce(name, k))
+                    self._early.discard(name)
+            dense_scores = self.dense.train(increment)
+            for name, line in self.lines.items():
+                if line.current is None:
+                    line.stand_in(dense_scores)
+                    continue
+                gap = line.serve(increment).ce / dense_scores.ce - 1.0
+                line.gaps.append((k, gap))
+                if name == "adaptive" and gap > self.config.threshold:
+                    self._early.add(name)
+        self.dense.finish()
+        for line in self.lines.values():
+            line.finish()
+        return self._result()
+
+    def _result(self) -> D2SResult:
+        lines = {}
+        for name, line in self.lines.items():
+            pruning = FlopsTotals()
+            for sparse in line.births:
+                pruning = pruning + sparse.flops
+            lines[name] = LineResult(
+                name=name,
+                records=line.records,
+                history=line.history,
+                births=[s.birth for s in line.births],
+                sources=[s.source for s in line.births],
+                sparsity=[s.sparsity for s in line.births],
+                gaps=line.gaps,
+                serving_flops=line.flops,
+                pruning_flops=pruning,
+                serving_seconds=line.seconds,
+                pruning_seconds=sum(s.seconds for s in line.births),
+            )
+        warmup = self.increments[self.config.first_serving].start_row
+        return D2SResult(self.dense.records, lines, warmup, self.dense.flops, self.dense.seconds)

@@ -1,0 +1,326 @@
+"""Alternate grow/prune and its baselines as one trainer hook (SPEC 5, growth paper sections III-IV).
+
+Entering a sparse phase prunes, in every neuron-prunable layer, the ``beta`` fraction of neurons with the
+lowest Taylor importance averaged over the ``window_steps`` batches just before the phase. Leaving it
+re-opens them at exactly zero with fresh optimizer state (``grow_neurons``). A plan that starts sparse
+(grow-only) has no trained model to score, so its first mask is drawn at random (seeded): at
+initialisation the weights are random and Taylor scores rank neurons by noise, and a random small
+network is the seed that growth-only schemes start from.
+
+Mask changes happen between batches, never inside one: the schedule is also the trainer's ``forward_fn``
+and applies the change due at a batch before running the model on it. So the look-ahead score, the
+gradients, the optimizer step and the FLOPs booked for every batch (under ``ctx.phase``, one label per
+phase) all see the same masks, and the FLOPs of the run equal the sum over phases of samples times
+per-sample FLOPs. The same wrapper starts a clock that ``after_step`` stops: the time of forward,
+backward, hooks and optimizer step, per phase, which is where the compacted forward of ``MaskedLinear``
+shows its real (not only counted) saving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+
+from torchrec_prune.data.stream import Stream
+from torchrec_prune.importance.neuron import NeuronTaylor
+from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.metrics.writer import MetricsWriter
+from torchrec_prune.pruners.structured import grow_neurons, neuron_successors, prune_neurons
+from torchrec_prune.pruners.targets import Targets
+from torchrec_prune.schedules.phases import SPARSE, PhasePlan, batch_starts
+from torchrec_prune.train.flops import FlopsReport, FlopsTotals, fc_flops, integrate_phases
+from torchrec_prune.train.hooks import BaseHook, StepContext
+from torchrec_prune.train.trainer import (
+    IncrementalTrainer,
+    RunResult,
+    TrainConfig,
+    default_forward,
+    make_optimizer,
+)
+
+ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GrowPruneConfig:
+    """A grow/prune schedule.
+
+    Args:
+        plan: dense and sparse phases as fractions of the stream.
+        beta: fraction of neurons pruned in every selected layer during sparse phases, in (0, 1).
+        window_steps: batches before a sparse phase over which neuron importance is averaged (>= 1); a
+            shorter preceding dense phase gives a shorter window.
+        seed: seed of the random first mask of a plan that starts sparse.
+        targets: candidate layers; only layers whose neurons can be pruned (see ``neuron_successors``) are
+            used, never the output layer.
+    """
+
+    plan: PhasePlan
+    beta: float = 0.7
+    window_steps: int = 50
+    seed: int = 0
+    targets: Targets = field(default_factory=Targets)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, PhasePlan):
+            raise ValueError(f"GrowPruneConfig.plan must be a PhasePlan, got {type(self.plan).__name__}")
+        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and 0 < self.beta < 1):
+            raise ValueError(f"GrowPruneConfig.beta must be in (0, 1), got {self.beta!r}")
+        for name in ("window_steps", "seed"):
+            value, low = getattr(self, name), 1 if name == "window_steps" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"GrowPruneConfig.{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class PhaseRecord:
+    """What one phase planned and what it measured.
+
+    Args:
+        label: FLOPs booking label (``dense0``, ``sparse1``, ...).
+        kind: ``dense`` or ``sparse``.
+        start, end: planned stream positions ``[start, end)``.
+        report: per-sample FLOPs of the masks the phase trained with.
+        steps: batches trained in the phase.
+        seconds: wall time of those steps (forward, backward, hooks, optimizer step).
+        cpu_seconds: CPU time of this process over the same steps (less sensitive to other jobs sharing
+            the cores than wall time).
+        transition_seconds: time spent pruning or growing at the phase start.
+        neurons_kept: kept neurons per pruned layer while the phase ran.
+    """
+
+    label: str
+    kind: str
+    start: int
+    end: int
+    report: FlopsReport
+    steps: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    transition_seconds: float = 0.0
+    neurons_kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.end - self.start
+
+    @property
+    def fc_params(self) -> int:
+        """Weights and biases of the fully connected layers still open."""
+        return sum(
+            layer.kept_weights + (layer.active_out if layer.bias else 0) for layer in self.report.layers
+        )
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else float("nan")
+
+
+class GrowPruneSchedule(BaseHook):
+    """Run a ``PhasePlan`` on a model: prune by Taylor importance entering sparse phases, regrow leaving them.
+
+    Install it both as a hook and as the trainer's ``forward_fn`` (``run_grow_prune`` does both).
+
+    Args:
+        model: the wrapped model.
+        config: plan, beta, importance window.
+        optimizers: the optimizers whose state prune and grow reset.
+        num_rows: rows of the stream the trainer will read.
+        train: the loop settings (batch size and increment size fix where phases can switch).
+        world_size: ranks reading the stream together.
+        base_forward: the model's ``(model, batch) -> (loss, logits)``.
+
+    Raises:
+        ValueError: no layer of ``model`` selected by ``config.targets`` can be neuron-pruned, or a phase
+            that is empty at this stream length.
+
+    Example::
+
+        optimizer = make_optimizer(model.parameters(), train)
+        schedule = GrowPruneSchedule(model, GrowPruneConfig(PhasePlan.every(0.2)), [optimizer],
+                                     num_rows=stream.num_rows, train=train)
+        IncrementalTrainer(model, train, optimizers=[optimizer], hooks=[schedule],
+                           forward_fn=schedule.forward).run(stream)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: GrowPruneConfig,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        num_rows: int,
+        train: TrainConfig,
+        world_size: int = 1,
+        base_forward: ForwardFn = default_forward,
+    ) -> None:
+        modules = dict(model.named_modules())
+        successors = neuron_successors(model, config.targets.output_layer)
+        self.layers: dict[str, MaskedLinear] = {
+            fqn: modules[fqn] for fqn in sorted(successors) if config.targets.selects(fqn)
+        }
+        if not self.layers:
+            raise ValueError(
+                f"GrowPruneSchedule: no neuron-prunable layer matches include={config.targets.include} "
+                f"exclude={config.targets.exclude}"
+            )
+        self.model = model
+        self.config = config
+        self.optimizers = list(optimizers)
+        self.global_batch = train.batch_size * world_size
+        self.world_size = world_size
+        self.bounds = config.plan.sample_bounds(num_rows, train.increment_rows, self.global_batch)
+        starts = batch_starts(num_rows, train.increment_rows, self.global_batch)
+        # Importance of a sparse phase is averaged over the window_steps batches right before it.
+        self._window_starts = [
+            starts[max(0, starts.index(start) - config.window_steps)] for start, _ in self.bounds
+        ]
+        self.base_forward = base_forward
+        self.scorer = NeuronTaylor()
+        self.phases: list[PhaseRecord] = []
+        self._position = 0  # stream position of the next batch
+        self._batch_start = 0
+        self._clock: tuple[float, float] | None = None
+
+    # --------------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Enter the phase this batch belongs to (pruning or growing), start the step clock, run the model."""
+        self._batch_start = self._position
+        self._position += batch.labels.numel() * self.world_size
+        while len(self.phases) < len(self.bounds) and self._batch_start >= self.bounds[len(self.phases)][0]:
+            self._enter(len(self.phases))
+        self._clock = (time.perf_counter(), time.process_time())
+        return self.base_forward(model, batch)
+
+    def before_step(self, ctx: StepContext) -> None:
+        if self._clock is None:
+            raise RuntimeError(
+                "GrowPruneSchedule must also be the trainer's forward_fn (forward_fn=schedule.forward); "
+                "otherwise it cannot change masks between batches"
+            )
+        ctx.phase = self.phases[-1].label
+        if self._in_importance_window():
+            self.scorer.observe(self.layers)
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self._clock is None:
+            return
+        phase = self.phases[-1]
+        phase.seconds += time.perf_counter() - self._clock[0]
+        phase.cpu_seconds += time.process_time() - self._clock[1]
+        phase.steps += 1
+        self._clock = None
+
+    # --------------------------------------------------------------------------------------------
+    def _in_importance_window(self) -> bool:
+        """Whether the current batch lies in the last ``window_steps`` batches before a sparse phase."""
+        following = len(self.phases)
+        if following >= len(self.bounds) or self.config.plan.phases[following].kind != SPARSE:
+            return False
+        return self._batch_start >= self._window_starts[following]
+
+    def _enter(self, index: int) -> None:
+        started = time.perf_counter()
+        kind = self.config.plan.phases[index].kind
+        kept: dict[str, int] = {}
+        if kind == SPARSE:
+            importances = (
+                self.scorer.scores(self.layers) if self.scorer.batches else self._random_scores(index)
+            )
+            kept = prune_neurons(self.model, self.config.beta, importances, self.optimizers)
+            self.scorer.reset()
+        elif index > 0:
+            grow_neurons(self.model, self.optimizers, fqns=list(self.layers))
+        start, end = self.bounds[index]
+        self.phases.append(
+            PhaseRecord(
+                label=f"{kind}{index}",
+                kind=kind,
+                start=start,
+                end=end,
+                report=fc_flops(self.model),
+                transition_seconds=time.perf_counter() - started,
+                neurons_kept=kept,
+            )
+        )
+
+    def _random_scores(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        return {
+            fqn: torch.rand(layer.out_features, generator=generator) for fqn, layer in self.layers.items()
+        }
+
+
+@dataclass
+class GrowPruneResult:
+    """A finished schedule run.
+
+    Args:
+        name: the plan's name.
+        run: the trainer's records and FLOPs.
+        phases: per-phase plan, masks and measured time.
+        flops_by_phase: FLOPs booked by the trainer's meter under each phase label.
+    """
+
+    name: str
+    run: RunResult
+    phases: list[PhaseRecord]
+    flops_by_phase: dict[str | None, FlopsTotals]
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of all training steps (transitions excluded)."""
+        return sum(p.seconds for p in self.phases)
+
+    def planned_flops(self) -> FlopsTotals:
+        """The FLOPs integral over the phases: samples x per-sample FLOPs of each phase's masks."""
+        return integrate_phases((p.samples, p.report) for p in self.phases)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of all training steps (transitions excluded)."""
+        return sum(p.cpu_seconds for p in self.phases)
+
+    def kind_seconds_per_step(self, kind: str, *, cpu: bool = False) -> float:
+        """Mean step time (wall, or CPU with ``cpu``) over the phases of ``kind`` (``dense``/``sparse``)."""
+        phases = [p for p in self.phases if p.kind == kind]
+        steps = sum(p.steps for p in phases)
+        seconds = sum(p.cpu_seconds if cpu else p.seconds for p in phases)
+        return seconds / steps if steps else float("nan")
+
+
+def run_grow_prune(
+    model: nn.Module,
+    stream: Stream,
+    train: TrainConfig,
+    config: GrowPruneConfig,
+    *,
+    writer: MetricsWriter | None = None,
+    device: torch.device | str = "cpu",
+) -> GrowPruneResult:
+    """Train ``model`` once over ``stream`` under ``config.plan``; ``PhasePlan.dense()`` is the reference.
+
+    Example::
+
+        result = run_grow_prune(wrap(build_dlrm()), SyntheticStream(100_000, drift=1.0), TrainConfig(),
+                                GrowPruneConfig(PhasePlan.every(0.2), beta=0.7))
+        result.run.flops.saving, result.kind_seconds_per_step("sparse")
+    """
+    optimizer = make_optimizer(model.parameters(), train)
+    schedule = GrowPruneSchedule(model, config, [optimizer], num_rows=stream.num_rows, train=train)
+    trainer = IncrementalTrainer(
+        model,
+        train,
+        optimizers=[optimizer],
+        hooks=[schedule],
+        writer=writer,
+        device=device,
+        forward_fn=schedule.forward,
+    )
+    run = trainer.run(stream)
+    return GrowPruneResult(config.plan.name, run, schedule.phases, trainer.flops.phase_totals())
