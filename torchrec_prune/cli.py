@@ -11,9 +11,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from torchrec_prune.models import DLRMConfig
 from torchrec_prune.train.trainer import OPTIMIZERS, TrainConfig
+
+if TYPE_CHECKING:  # the job module pulls in DMP and DCP: imported when a command runs
+    from torchrec_prune.train.job import JobConfig
 
 
 def _layers(text: str) -> list[int]:
@@ -67,12 +71,11 @@ def model_config(args: argparse.Namespace) -> DLRMConfig:
 Runner = Callable[[], int]
 
 
-def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    from torchrec_prune.train.job import JobConfig, make_stream, run_job, summarize_line
+def job_config(args: argparse.Namespace, *, checkpoint: bool) -> JobConfig:
+    """The job described by the stream, model and loop flags (validated by the dataclasses)."""
+    from torchrec_prune.train.job import JobConfig
 
-    config = JobConfig(
+    return JobConfig(
         data=args.data,
         rows=args.rows,
         drift=args.drift,
@@ -80,8 +83,16 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
         model=model_config(args),
         train=train_config(args),
         run_dir=args.run_dir,
-        checkpoint=not args.no_checkpoint,
+        checkpoint=checkpoint,
     )
+
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    from torchrec_prune.train.job import make_stream, run_job, summarize_line
+
+    config = job_config(args, checkpoint=not args.no_checkpoint)
     stream = make_stream(config)  # bad paths and malformed headers fail here, before any training
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return lambda: _relaunch_under_torchrun(args.nproc, argv)
@@ -119,7 +130,6 @@ _PRUNE_KNOBS = {
 
 def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job, run_prune_job
-    from torchrec_prune.train.job import JobConfig
 
     knobs = {k: getattr(args, k) for k in _PRUNE_KNOBS if getattr(args, k) is not None}
     prune = PruneConfig(method=args.method, prune_rows=args.prune_rows, **knobs)  # checks every value
@@ -129,16 +139,7 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
             raise ValueError(f"--{knob} applies to --method {methods}, not {args.method!r}")
     config = PruneJobConfig(
         checkpoint=args.checkpoint,
-        job=JobConfig(
-            data=args.data,
-            rows=args.rows,
-            drift=args.drift,
-            seed=args.seed,
-            model=model_config(args),
-            train=train_config(args),
-            run_dir=args.run_dir,
-            checkpoint=not args.no_checkpoint,
-        ),
+        job=job_config(args, checkpoint=not args.no_checkpoint),
         prune=prune,
         start_row=args.start_row,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchrec_prune.cli import model_config, train_config
+from torchrec_prune.cli import job_config
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.masks import wrap
 from torchrec_prune.masks.report import format_report, sparsity_report
@@ -67,16 +67,7 @@ def prepare_demo(args: argparse.Namespace) -> Callable[[], int]:
         ValueError: a bad flag value, or a stream too short for the D2S warm-up or the schedules' phases.
         FileNotFoundError: a missing data file.
     """
-    job = JobConfig(
-        data=args.data,
-        rows=args.rows,
-        drift=args.drift,
-        seed=args.seed,
-        model=model_config(args),
-        train=train_config(args),
-        run_dir=args.run_dir,
-        checkpoint=False,
-    )
+    job = job_config(args, checkpoint=False)
     stream = make_stream(job)
     increments = math.ceil(stream.num_rows / job.train.increment_rows)
     needed = D2S.first_serving + D2S.r + 1
