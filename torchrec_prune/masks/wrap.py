@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
 from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.masks.selection import FqnSelection, is_exact
 
 MaskedModule = MaskedLinear | MaskedEmbeddingBagCollection
 
 
 @dataclass
-class WrapConfig:
+class WrapConfig(FqnSelection):
     """Which modules ``wrap()`` replaces.
 
     Args:
@@ -26,21 +26,8 @@ class WrapConfig:
         embedding_bags: wrap ``EmbeddingBagCollection`` modules.
     """
 
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
     linear: bool = True
     embedding_bags: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-                raise TypeError(f"WrapConfig.{name} must be a list of fnmatch patterns, got {value!r}")
-
-    def selects(self, fqn: str) -> bool:
-        return any(fnmatch.fnmatchcase(fqn, p) for p in self.include) and not any(
-            fnmatch.fnmatchcase(fqn, p) for p in self.exclude
-        )
 
 
 def wrap(model: nn.Module, config: WrapConfig | None = None) -> nn.Module:
@@ -57,7 +44,7 @@ def wrap(model: nn.Module, config: WrapConfig | None = None) -> nn.Module:
     config = config or WrapConfig()
     modules = dict(model.named_modules())
     for pattern in config.include:
-        if not any(ch in pattern for ch in "*?[") and pattern in modules:
+        if is_exact(pattern) and pattern in modules:
             _check_supported(pattern, modules[pattern])
     replacements: list[tuple[str, nn.Module]] = []
     skip_under: list[str] = []

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
 from torchrec_prune.masks.linear import MaskedLinear
-
-
-def _is_exact(pattern: str) -> bool:
-    return not any(ch in pattern for ch in "*?[")
+from torchrec_prune.masks.selection import FqnSelection, is_exact
 
 
 @dataclass
-class Targets:
+class Targets(FqnSelection):
     """Module selection shared by every pruner.
 
     Args:
@@ -29,21 +25,8 @@ class Targets:
             logit layer of TorchRec's DLRM and of the MLP models built here).
     """
 
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
     include_output_layer: bool = False
     output_layer: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-                raise TypeError(f"Targets.{name} must be a list of fnmatch patterns, got {value!r}")
-
-    def selects(self, fqn: str) -> bool:
-        return any(fnmatch.fnmatchcase(fqn, p) for p in self.include) and not any(
-            fnmatch.fnmatchcase(fqn, p) for p in self.exclude
-        )
 
 
 def output_layer_fqn(model: nn.Module, override: str | None = None) -> str | None:
@@ -71,7 +54,7 @@ def _select(model: nn.Module, targets: Targets, kind: type, plain: tuple[type, .
     modules = dict(model.named_modules())
     output = output_layer_fqn(model, targets.output_layer)
     for pattern in targets.include:
-        if not _is_exact(pattern):
+        if not is_exact(pattern):
             continue
         if pattern not in modules:
             raise ValueError(
