@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from torchrec.datasets.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 
-from torchrec_prune.data.stream import DEFAULT_NUM_EMBEDDINGS, MISSING_ID, Rows, Stream, check_int
+from torchrec_prune.data.stream import DEFAULT_NUM_EMBEDDINGS, MISSING_ID, FileStream, Rows
 
 NUM_COLUMNS = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
 _INT = re.compile(r"-?[0-9]+")
@@ -37,7 +37,7 @@ def count_lines(path: Path, limit: int | None = None, chunk_bytes: int = 1 << 20
     return lines if limit is None else min(lines, limit)
 
 
-class CriteoStream(Stream):
+class CriteoStream(FileStream):
     """Rows of a Criteo TSV file; positions are the file's lines.
 
     Malformed lines (bad label, non-integer dense value, bad hex, more than 40 columns) are skipped and
@@ -64,17 +64,10 @@ class CriteoStream(Stream):
         strict: bool = False,
         max_rows: int | None = None,
     ):
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"Criteo TSV file not found: {self.path}")
-        self.num_embeddings = check_int("num_embeddings", num_embeddings, 2)
-        self.strict = strict
+        super().__init__(path, "Criteo TSV", num_embeddings, strict, max_rows)
         self.num_dense = INT_FEATURE_COUNT
         self.feature_names = list(DEFAULT_CAT_NAMES)
-        self.num_rows = count_lines(
-            self.path, None if max_rows is None else check_int("max_rows", max_rows, 0)
-        )
+        self.num_rows = count_lines(self.path, self.max_rows)
 
     def _read(self, ranges: Iterable[tuple[int, int]]) -> Iterator[Rows]:
         with open(self.path, "rb") as f:

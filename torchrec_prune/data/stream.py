@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -173,6 +174,27 @@ class Stream(ABC):
         for rows in self._read(ranges):
             self.stats.rows_read += len(rows)
             yield rows_to_batch(rows, self.feature_names)
+
+
+class FileStream(Stream):
+    """A stream read from a file: checks the path and the settings every file format shares.
+
+    Args:
+        path: the file (``FileNotFoundError`` naming it when absent).
+        kind: format name used in messages.
+        num_embeddings: hash size of every table (>= 2: id 0 is reserved for missing values).
+        strict: raise on the first malformed row instead of counting and skipping it.
+        max_rows: keep only the first ``max_rows`` positions (>= 0), or all when ``None``.
+    """
+
+    def __init__(self, path: str | Path, kind: str, num_embeddings: int, strict: bool, max_rows: int | None):
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{kind} file not found: {self.path}")
+        self.num_embeddings = check_int("num_embeddings", num_embeddings, 2)
+        self.strict = strict
+        self.max_rows = None if max_rows is None else check_int("max_rows", max_rows, 0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchrec_prune.data.stream import DEFAULT_NUM_EMBEDDINGS, Rows, Stream, check_int
+from torchrec_prune.data.stream import DEFAULT_NUM_EMBEDDINGS, FileStream, Rows
 
 ID_COLUMNS = ("ip", "app", "device", "os", "channel")
 CATEGORICAL_COLUMNS = (*ID_COLUMNS, "hour", "day_of_week")
@@ -43,7 +43,7 @@ def _prior_counts(keys: np.ndarray) -> np.ndarray:
     return counts
 
 
-class TalkingDataStream(Stream):
+class TalkingDataStream(FileStream):
     """TalkingData clicks in ``click_time`` order; label ``is_attributed``.
 
     Features (names ``cat_i`` so that ``DLRMConfig(num_sparse=7, num_dense=6)`` fits):
@@ -76,18 +76,11 @@ class TalkingDataStream(Stream):
         strict: bool = False,
         max_rows: int | None = None,
     ):
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"TalkingData CSV file not found: {self.path}")
-        self.num_embeddings = check_int("num_embeddings", num_embeddings, 2)
-        self.strict = strict
-        if max_rows is not None:
-            check_int("max_rows", max_rows, 0)
+        super().__init__(path, "TalkingData CSV", num_embeddings, strict, max_rows)
         self.num_dense = len(DENSE_COLUMNS)
         self.feature_names = [f"cat_{i}" for i in range(len(CATEGORICAL_COLUMNS))]
         raw_ids, click_time, labels = self._load()
-        order = np.argsort(click_time, kind="stable")[:max_rows]
+        order = np.argsort(click_time, kind="stable")[: self.max_rows]
         raw_ids, self.click_time, self._labels = raw_ids[order], click_time[order], labels[order]
         self.num_rows = len(self._labels)
         self._dense, self._ids = self._features(raw_ids, self.click_time)
