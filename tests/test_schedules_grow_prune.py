@@ -98,9 +98,7 @@ def test_importance_is_averaged_over_the_window_just_before_each_sparse_phase():
     observed: list[int] = []  # phase index in progress at each observed batch
     observe = schedule.scorer.observe
     schedule.scorer.observe = lambda layers: (observed.append(len(schedule.phases) - 1), observe(layers))
-    IncrementalTrainer(
-        model, TRAIN, optimizers=[optimizer], hooks=[schedule], forward_fn=schedule.forward
-    ).run(_stream())
+    IncrementalTrainer(model, TRAIN, optimizers=[optimizer], hooks=[schedule]).run(_stream())
     assert observed == [0, 0, 0, 2, 2, 2]  # the last 3 batches of the dense phases before each sparse one
 
 
@@ -156,9 +154,7 @@ def test_regrown_weights_and_their_optimizer_state_are_exactly_zero_at_the_first
         train=train,
     )
     check = _GrowthCheck(model)
-    IncrementalTrainer(
-        model, train, optimizers=[opt], hooks=[schedule, check], forward_fn=schedule.forward
-    ).run(_stream())
+    IncrementalTrainer(model, train, optimizers=[opt], hooks=[schedule, check]).run(_stream())
     assert check.checked == 2  # both sparse phases were left
     # ... and the regrown weights then learn: the kept biases restart their signal
     assert any(bool((param.detach()[where] != 0).any()) for param, where in check.reopened)
@@ -171,7 +167,7 @@ def test_grow_only_starts_from_a_seeded_random_mask():
         config = GrowPruneConfig(scheme("grow_only"), beta=0.7, seed=seed)
         schedule = GrowPruneSchedule(model, config, [optimizer], num_rows=ROWS, train=TRAIN)
         batch = next(_stream().batches(TRAIN.batch_size))
-        schedule.forward(model, batch)
+        schedule.before_batch(StepContext(model=model, optimizers=[optimizer], batch=batch))
         assert [p.kind for p in schedule.phases] == [SPARSE]
         return {f: schedule.layers[f].neuron_mask.clone() for f in schedule.layers}
 
@@ -181,15 +177,27 @@ def test_grow_only_starts_from_a_seeded_random_mask():
     assert {int(m.sum()) for m in a.values()} == {5, 2}
 
 
-def test_schedule_must_also_be_the_forward_fn():
+class _PhaseMasks(BaseHook):
+    """Per step: the phase label and whether any neuron was closed during that batch's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.seen: list[tuple[str, bool]] = []
+
+    def before_step(self, ctx: StepContext) -> None:
+        self.seen.append((ctx.phase, not _open(self.model)))
+
+
+def test_masks_change_at_the_batch_boundary_where_a_phase_starts():
     model = _model()
     optimizer = make_optimizer(model.parameters(), TRAIN)
     schedule = GrowPruneSchedule(
-        model, GrowPruneConfig(PhasePlan.every(0.2)), [optimizer], num_rows=ROWS, train=TRAIN
+        model, GrowPruneConfig(PhasePlan.every(0.2), window_steps=2), [optimizer], num_rows=ROWS, train=TRAIN
     )
-    trainer = IncrementalTrainer(model, TRAIN, optimizers=[optimizer], hooks=[schedule])
-    with pytest.raises(RuntimeError, match="forward_fn"):
-        trainer.run(_stream())
+    probe = _PhaseMasks(model)
+    IncrementalTrainer(model, TRAIN, optimizers=[optimizer], hooks=[schedule, probe]).run(_stream())
+    assert len(probe.seen) == ROWS // TRAIN.batch_size
+    assert all(phase.startswith(SPARSE) == closed for phase, closed in probe.seen)
 
 
 @pytest.mark.parametrize("beta", [0, 1, 1.5, -0.2, True])

@@ -7,11 +7,11 @@ re-opens them at exactly zero with fresh optimizer state (``grow_neurons``). A p
 initialisation the weights are random and Taylor scores rank neurons by noise, and a random small
 network is the seed that growth-only schemes start from.
 
-Mask changes happen between batches, never inside one: the schedule is also the trainer's ``forward_fn``
-and applies the change due at a batch before running the model on it. So the look-ahead score, the
+Mask changes happen between batches, never inside one: ``before_batch`` applies the change due at a
+batch before the trainer runs the model on it. So the look-ahead score, the
 gradients, the optimizer step and the FLOPs booked for every batch (under ``ctx.phase``, one label per
 phase) all see the same masks, and the FLOPs of the run equal the sum over phases of samples times
-per-sample FLOPs. The same wrapper starts a clock that ``after_step`` stops: the time of forward,
+per-sample FLOPs. ``before_batch`` also starts a clock that ``after_step`` stops: the time of forward,
 backward, hooks and optimizer step, per phase, which is where the compacted forward of ``MaskedLinear``
 shows its real (not only counted) saving.
 """
@@ -19,12 +19,11 @@ shows its real (not only counted) saving.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.datasets.utils import Batch
 
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.importance.neuron import NeuronTaylor
@@ -39,11 +38,8 @@ from torchrec_prune.train.trainer import (
     IncrementalTrainer,
     RunResult,
     TrainConfig,
-    default_forward,
     make_optimizer,
 )
-
-ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -124,8 +120,6 @@ class PhaseRecord:
 class GrowPruneSchedule(BaseHook):
     """Run a ``PhasePlan`` on a model: prune by Taylor importance entering sparse phases, regrow leaving them.
 
-    Install it both as a hook and as the trainer's ``forward_fn`` (``run_grow_prune`` does both).
-
     Args:
         model: the wrapped model.
         config: plan, beta, importance window.
@@ -133,7 +127,6 @@ class GrowPruneSchedule(BaseHook):
         num_rows: rows of the stream the trainer will read.
         train: the loop settings (batch size and increment size fix where phases can switch).
         world_size: ranks reading the stream together.
-        base_forward: the model's ``(model, batch) -> (loss, logits)``.
 
     Raises:
         ValueError: no layer of ``model`` selected by ``config.targets`` can be neuron-pruned, or a phase
@@ -144,8 +137,7 @@ class GrowPruneSchedule(BaseHook):
         optimizer = make_optimizer(model.parameters(), train)
         schedule = GrowPruneSchedule(model, GrowPruneConfig(PhasePlan.every(0.2)), [optimizer],
                                      num_rows=stream.num_rows, train=train)
-        IncrementalTrainer(model, train, optimizers=[optimizer], hooks=[schedule],
-                           forward_fn=schedule.forward).run(stream)
+        IncrementalTrainer(model, train, optimizers=[optimizer], hooks=[schedule]).run(stream)
     """
 
     def __init__(
@@ -157,7 +149,6 @@ class GrowPruneSchedule(BaseHook):
         num_rows: int,
         train: TrainConfig,
         world_size: int = 1,
-        base_forward: ForwardFn = default_forward,
     ) -> None:
         modules = dict(model.named_modules())
         successors = neuron_successors(model, config.targets.output_layer)
@@ -180,7 +171,6 @@ class GrowPruneSchedule(BaseHook):
         self._window_starts = [
             starts[max(0, starts.index(start) - config.window_steps)] for start, _ in self.bounds
         ]
-        self.base_forward = base_forward
         self.scorer = NeuronTaylor()
         self.phases: list[PhaseRecord] = []
         self._position = 0  # stream position of the next batch
@@ -188,21 +178,16 @@ class GrowPruneSchedule(BaseHook):
         self._clock: tuple[float, float] | None = None
 
     # --------------------------------------------------------------------------------------------
-    def forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Enter the phase this batch belongs to (pruning or growing), start the step clock, run the model."""
+    def before_batch(self, ctx: StepContext) -> None:
+        """Enter the phase this batch belongs to (pruning or growing) and start the step clock."""
+        assert ctx.batch is not None
         self._batch_start = self._position
-        self._position += batch.labels.numel() * self.world_size
+        self._position += ctx.batch.labels.numel() * self.world_size
         while len(self.phases) < len(self.bounds) and self._batch_start >= self.bounds[len(self.phases)][0]:
             self._enter(len(self.phases))
         self._clock = (time.perf_counter(), time.process_time())
-        return self.base_forward(model, batch)
 
     def before_step(self, ctx: StepContext) -> None:
-        if self._clock is None:
-            raise RuntimeError(
-                "GrowPruneSchedule must also be the trainer's forward_fn (forward_fn=schedule.forward); "
-                "otherwise it cannot change masks between batches"
-            )
         ctx.phase = self.phases[-1].label
         if self._in_importance_window():
             self.scorer.observe(self.layers)
@@ -320,7 +305,6 @@ def run_grow_prune(
         hooks=[schedule],
         writer=writer,
         device=device,
-        forward_fn=schedule.forward,
     )
     run = trainer.run(stream)
     return GrowPruneResult(config.plan.name, run, schedule.phases, trainer.flops.phase_totals())

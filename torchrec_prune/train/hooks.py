@@ -1,9 +1,10 @@
 """Where pruners and schedules plug into the incremental trainer.
 
-The trainer runs, per batch: forward (its logits are the look-ahead score of that batch), backward,
-``before_step``, ``optimizer.step()``, ``after_step``; and ``on_increment_end`` after the last batch of
-each increment. ``before_step`` sees the gradients of the batch, so importance scores that need them
-(Taylor, AUX's mask gradient) are accumulated there.
+The trainer runs, per batch: ``before_batch``, forward (its logits are the look-ahead score of that
+batch), backward, ``before_step``, ``optimizer.step()``, ``after_step``; and ``on_increment_end`` after
+the last batch of each increment. Masks that change at a batch boundary change in ``before_batch``, so
+the batch's score, gradients, step and booked FLOPs all see the same masks. ``before_step`` sees the
+batch's gradients, so importance scores that need them (Taylor, AUX's mask gradient) accumulate there.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class StepContext:
 class TrainHook(Protocol):
     """A participant in the incremental loop. Every method is optional to override via ``BaseHook``."""
 
+    def before_batch(self, ctx: StepContext) -> None: ...
+
     def before_step(self, ctx: StepContext) -> None: ...
 
     def after_step(self, ctx: StepContext) -> None: ...
@@ -56,6 +59,9 @@ class TrainHook(Protocol):
 
 class BaseHook:
     """No-op implementations, so a hook only defines the moments it cares about."""
+
+    def before_batch(self, ctx: StepContext) -> None:
+        return None
 
     def before_step(self, ctx: StepContext) -> None:
         return None

@@ -138,13 +138,15 @@ class IncrementalTrainer:
     def step(self, batch: Batch) -> list[WindowRecord]:
         """Score ``batch`` (look-ahead), then learn from it; returns windows closed by this batch."""
         batch = batch.to(self.device)
+        self.ctx.batch = batch
+        for hook in self.hooks:
+            hook.before_batch(self.ctx)
         self.model.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_fn(self.model, batch)
         closed = self.window.update(logits, batch.labels)
         loss.backward()
-        self.ctx.batch = batch
         self.ctx.loss = loss.detach()
         for hook in self.hooks:
             hook.before_step(self.ctx)
