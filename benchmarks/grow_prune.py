@@ -369,22 +369,7 @@ def main() -> None:
         "table": table,
         "interleaved_step_time": timing,
         "phases": {
-            str(seed): {
-                key: [
-                    {
-                        "label": p.label,
-                        "start": p.start,
-                        "end": p.end,
-                        "steps": p.steps,
-                        "seconds": p.seconds,
-                        "cpu_seconds": p.cpu_seconds,
-                        "training_flops_per_sample": p.report.training,
-                        "fc_params": p.fc_params,
-                    }
-                    for p in result.phases
-                ]
-                for key, result in runs.items()
-            }
+            str(seed): {key: [p.summary() for p in result.phases] for key, result in runs.items()}
             for seed, runs in results.items()
         },
         "wall_seconds": seconds,

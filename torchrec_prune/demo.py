@@ -227,21 +227,7 @@ def _summary(
             "beta": BETA,
             "window_steps": WINDOW_STEPS,
             "table": [row(r) for r in gp_table],
-            "phases": {
-                name: [
-                    {
-                        "label": p.label,
-                        "start": p.start,
-                        "end": p.end,
-                        "steps": p.steps,
-                        "seconds": p.seconds,
-                        "training_flops_per_sample": p.report.training,
-                        "fc_params": p.fc_params,
-                    }
-                    for p in result.phases
-                ]
-                for name, result in results.items()
-            },
+            "phases": {name: [p.summary() for p in result.phases] for name, result in results.items()},
         },
         "denormals": denormals,
         "seconds": seconds,

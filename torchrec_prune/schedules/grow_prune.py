@@ -116,6 +116,19 @@ class PhaseRecord:
     def seconds_per_step(self) -> float:
         return self.seconds / self.steps if self.steps else float("nan")
 
+    def summary(self) -> dict[str, object]:
+        """The phase as plain values, for JSON outputs."""
+        return {
+            "label": self.label,
+            "start": self.start,
+            "end": self.end,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "training_flops_per_sample": self.report.training,
+            "fc_params": self.fc_params,
+        }
+
 
 class GrowPruneSchedule(BaseHook):
     """Run a ``PhasePlan`` on a model: prune by Taylor importance entering sparse phases, regrow leaving them.
