@@ -61,3 +61,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pruner_step(model, pruner, ctx, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One training step of a plain model on (x, y) with ``pruner``'s hooks around the optimizer step."""
+    import torch.nn.functional as F
+
+    for o in ctx.optimizers:
+        o.zero_grad(set_to_none=True)
+    loss = F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+    loss.backward()
+    pruner.before_step(ctx)
+    for o in ctx.optimizers:
+        o.step()
+    pruner.after_step(ctx)
+    ctx.step += 1
+    ctx.samples_seen += len(y)
+    return float(loss.detach())

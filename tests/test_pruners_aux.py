@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import wrapped_mlp
+from conftest import pruner_step, wrapped_mlp
 from torch import nn
 
 import torchrec_prune as tp
@@ -24,20 +24,6 @@ def _task(n: int = 256, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.
     x = torch.randn(n, d, generator=g)
     y = (x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] * x[:, 3] > 0).float()
     return x, y
-
-
-def _train_step(model, pruner, x, y, ctx) -> float:
-    for o in ctx.optimizers:
-        o.zero_grad(set_to_none=True)
-    loss = F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
-    loss.backward()
-    pruner.before_step(ctx)
-    for o in ctx.optimizers:
-        o.step()
-    pruner.after_step(ctx)
-    ctx.step += 1
-    ctx.samples_seen += len(y)
-    return float(loss.detach())
 
 
 def _pretrained(steps: int = 150) -> nn.Sequential:
@@ -90,7 +76,7 @@ def test_aux_update_moves_latent_by_eps_times_w1_plus_w2_minus_lambda_on_average
     ctx = StepContext(model=model, optimizers=[])
     x, y = _task()
     before = {k: v.clone() for k, v in pruner.latent.items()}
-    _train_step(model, pruner, x, y, ctx)
+    pruner_step(model, pruner, ctx, x, y)
     for fqn, latent in pruner.latent.items():
         mean_step = (latent - before[fqn]).mean().item()
         assert mean_step == pytest.approx(0.1 * (0.25 + 0.5 - 0.4), rel=1e-4), fqn
@@ -136,11 +122,11 @@ def test_pruned_weights_are_frozen_during_the_phase_with_momentum_and_weight_dec
     x, y = _task()
     layer = model[0]
     for _ in range(10):
-        _train_step(model, pruner, x, y, ctx)
+        pruner_step(model, pruner, ctx, x, y)
     closed = ~layer.weight_mask.clone()
     assert closed.any()
     held = layer.weight.detach().clone()
-    _train_step(model, pruner, x, y, ctx)
+    pruner_step(model, pruner, ctx, x, y)
     still_closed = closed & ~layer.weight_mask
     assert still_closed.any()
     assert torch.equal(layer.weight[still_closed], held[still_closed])
@@ -156,7 +142,7 @@ def test_finalize_zeroes_pruned_resets_state_and_fine_tuning_with_momentum_keeps
     ctx = StepContext(model=model, optimizers=[opt])
     x, y = _task()
     for _ in range(30):
-        _train_step(model, pruner, x, y, ctx)
+        pruner_step(model, pruner, ctx, x, y)
     assert pruner.finalized  # the phase ended by itself
     closed = {fqn: ~layer.weight_mask.clone() for fqn, layer in pruner.linears.items()}
     assert overall_sparsity(pruner.stats()) > 0.3
@@ -165,7 +151,7 @@ def test_finalize_zeroes_pruned_resets_state_and_fine_tuning_with_momentum_keeps
         assert torch.all(opt.state[layer.weight]["momentum_buffer"][closed[fqn]] == 0)
         assert not layer.capture_effective_grad
     for _ in range(20):
-        _train_step(model, pruner, x, y, ctx)
+        pruner_step(model, pruner, ctx, x, y)
     for fqn, layer in pruner.linears.items():
         assert torch.equal(~layer.weight_mask, closed[fqn])  # mask stays fixed
         assert torch.all(layer.weight[closed[fqn]] == 0)
@@ -188,7 +174,7 @@ def test_larger_lambda_gives_higher_sparsity_on_a_trained_model():
         opt = torch.optim.Adam(model.parameters(), lr=0.005)
         ctx = StepContext(model=model, optimizers=[opt])
         for _ in range(60):
-            _train_step(model, pruner, x, y, ctx)
+            pruner_step(model, pruner, ctx, x, y)
         sparsities.append(overall_sparsity(pruner.stats()))
     assert all(a < b for a, b in zip(sparsities, sparsities[1:], strict=False)), sparsities
     assert sparsities[0] < 0.2 and sparsities[-1] > 0.7, sparsities
@@ -202,7 +188,7 @@ def test_adaptation_variant_keeps_updating_the_mask():
     x, y = _task()
     masks = []
     for _ in range(40):
-        _train_step(model, pruner, x, y, ctx)
+        pruner_step(model, pruner, ctx, x, y)
         masks.append(model[0].weight_mask.clone())
     assert not pruner.finalized
     assert not torch.equal(masks[10], masks[-1])

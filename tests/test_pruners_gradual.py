@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import wrapped_mlp
+from conftest import pruner_step, wrapped_mlp
 from torch import nn
 
 import torchrec_prune as tp
@@ -32,18 +32,6 @@ def _data(n: int = 128, d: int = 13, seed: int = 0) -> tuple[torch.Tensor, torch
     return x, (x[:, 0] + x[:, 1] * x[:, 2] > 0).float()
 
 
-def _step(model, pruner, ctx, x, y) -> None:
-    for o in ctx.optimizers:
-        o.zero_grad(set_to_none=True)
-    F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
-    pruner.before_step(ctx)
-    for o in ctx.optimizers:
-        o.step()
-    pruner.after_step(ctx)
-    ctx.step += 1
-    ctx.samples_seen += len(y)
-
-
 def _expected_kept(n: int, sparsity: float) -> int:
     return n - int(sparsity * n + 0.5)
 
@@ -60,7 +48,7 @@ def test_ramp_reaches_exactly_the_target_in_every_layer(method):
     x, y = _data()
     seen = []
     for _ in range(6):
-        _step(model, pruner, ctx, x, y)
+        pruner_step(model, pruner, ctx, x, y)
         seen.append({fqn: int(layer.weight_mask.sum()) for fqn, layer in pruner.linears.items()})
     for fqn, layer in pruner.linears.items():
         n = layer.weight.numel()
@@ -117,14 +105,14 @@ def test_momentum_can_regrow_a_pruned_weight_at_zero_in_the_adaptation_variant()
     opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
     ctx = StepContext(model=model, optimizers=[opt])
     x = torch.randn(64, 4)
-    _step(model, pruner, ctx, x, (x[:, 0] > 0).float())
+    pruner_step(model, pruner, ctx, x, (x[:, 0] > 0).float())
     assert int(layer.weight_mask.sum()) == 6 and not pruner.finalized
     # Labels that depend only on input 3 give the pruned weights of column 3 a large momentum; the
     # re-selection after 100 samples brings some back, at exactly zero with fresh Adagrad state.
     closed_before = ~layer.weight_mask.clone()
-    _step(model, pruner, ctx, x, (x[:, 3] > 0).float())
+    pruner_step(model, pruner, ctx, x, (x[:, 3] > 0).float())
     assert torch.equal(~layer.weight_mask, closed_before)  # 64 samples: no re-selection yet
-    _step(model, pruner, ctx, x, (x[:, 3] > 0).float())
+    pruner_step(model, pruner, ctx, x, (x[:, 3] > 0).float())
     regrown = closed_before & layer.weight_mask
     assert regrown[:, 3].any() and int(layer.weight_mask.sum()) == 6
     assert torch.all(layer.weight[regrown] == 0)
@@ -138,10 +126,10 @@ def test_pruned_weights_stay_zero_during_fine_tuning_with_sgd_momentum():
     ctx = StepContext(model=model, optimizers=[opt])
     x, y = _data()
     for _ in range(4):
-        _step(model, pruner, ctx, x, y)
+        pruner_step(model, pruner, ctx, x, y)
     closed = {fqn: ~layer.weight_mask.clone() for fqn, layer in pruner.linears.items()}
     for _ in range(25):
-        _step(model, pruner, ctx, x, y)
+        pruner_step(model, pruner, ctx, x, y)
     for fqn, layer in pruner.linears.items():
         assert torch.equal(~layer.weight_mask, closed[fqn])
         assert torch.all(layer.weight[closed[fqn]] == 0), fqn
