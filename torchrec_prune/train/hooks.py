@@ -45,6 +45,15 @@ class StepContext:
 
 
 @runtime_checkable
+class Stateful(Protocol):
+    """A part of a run that a checkpoint can capture and a restart can restore."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
 class TrainHook(Protocol):
     """A participant in the incremental loop. Every method is optional to override via ``BaseHook``."""
 
@@ -55,6 +64,10 @@ class TrainHook(Protocol):
     def after_step(self, ctx: StepContext) -> None: ...
 
     def on_increment_end(self, ctx: StepContext) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class BaseHook:
@@ -71,3 +84,11 @@ class BaseHook:
 
     def on_increment_end(self, ctx: StepContext) -> None:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """A stateless hook has nothing to save; stateful hooks override both methods."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} holds no state but was given keys {sorted(state)}")
