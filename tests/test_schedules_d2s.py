@@ -86,7 +86,7 @@ def test_the_adaptation_variant_keeps_learning_its_mask_while_serving():
     assert overall_sparsity(pruner.stats()) != result.lines["adaptation"].sparsity[0]  # the mask moved
 
 
-def test_dense_job_keeps_deep_copied_snapshots_of_the_last_p_increments():
+def test_dense_job_keeps_independent_snapshots_of_the_last_p_increments():
     model = _model()
     initial = copy.deepcopy(model.state_dict())
     job = DenseJob(model, TRAIN, keep=2)
@@ -99,7 +99,7 @@ def test_dense_job_keeps_deep_copied_snapshots_of_the_last_p_increments():
     job2.model.load_state_dict(initial)
     first = next(iter(iter_increments(_stream(4), 200, 50)))
     job2.train(first)
-    snap = job2.snapshot(0).model_state
+    snap = job2.snapshot(0).replica.model.state_dict()
     assert all(torch.equal(snap[k], v) for k, v in initial.items())
     assert any(not torch.equal(snap[k], v) for k, v in job2.model.state_dict().items())
 
@@ -108,7 +108,7 @@ def test_serving_scores_each_batch_before_training_on_it():
     increments = list(iter_increments(_stream(4), 200, 50))
     dense = DenseJob(_model(), TRAIN, keep=1)
     dense.train(increments[0])
-    sparse = PruningJob(dense.model, TRAIN, AUX, prune_fraction=0.5).run(
+    sparse = PruningJob(dense.factory, TRAIN, AUX, prune_fraction=0.5).run(
         dense.snapshot(0), increments[:1], birth=1
     )
     assert sparse.source == 0 and sparse.birth == 1 and 0 < sparse.sparsity < 1

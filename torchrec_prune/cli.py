@@ -1,23 +1,28 @@
-"""``torchrec-prune``: command-line entry point (train, prune, demo).
+"""``torchrec-prune``: command-line entry point (train, grow-prune, d2s, prune, demo).
 
-Bad input (unknown flags, bad paths, out-of-range values) ends with a one-line error and exit code 2,
-before any training starts.
+Bad input (unknown flags, bad paths, out-of-range values, a run folder whose checkpoint another model or
+other settings wrote) ends with a one-line error and exit code 2, before any training starts. Commands
+that train on a stream run in one process, as ``--nproc N`` local torchrun ranks, or as ranks of an
+outside ``torchrun`` (see ``launch/``); they write full-state run checkpoints and resume from the newest
+one of their run folder on (re)start.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
 from torchrec_prune.models import DLRMConfig
 from torchrec_prune.train.trainer import OPTIMIZERS, TrainConfig
 
 if TYPE_CHECKING:  # the job module pulls in DMP and DCP: imported when a command runs
-    from torchrec_prune.train.job import JobConfig
+    from torchrec_prune.train.job import JobConfig, PreparedJob
 
 
 def _layers(text: str) -> list[int]:
@@ -44,6 +49,26 @@ def add_stream_args(p: argparse.ArgumentParser, *, rows: int, window: int, incre
     p.add_argument("--dense-arch", type=_layers, default=None, help="bottom MLP, e.g. 256,128,64,4")
     p.add_argument("--over-arch", type=_layers, default=None, help="top MLP, e.g. 256,128,1")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_run_args(p: argparse.ArgumentParser, *, run_dir: str) -> None:
+    """Flags of commands that train a run folder: ranks, restarts, run checkpoints and resumption."""
+    p.add_argument("--run-dir", default=run_dir)
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun, gloo on CPU)")
+    p.add_argument(
+        "--max-restarts", type=int, default=0, help="with --nproc: torchrun restarts of the rank group"
+    )
+    p.add_argument("--no-checkpoint", action="store_true", help="do not save the final model checkpoint")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100_000, help="rows between full-state checkpoints (0 = off)"
+    )
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete run checkpoints kept")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: continue from the newest complete run checkpoint of --run-dir; never: start over",
+    )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -84,39 +109,138 @@ def job_config(args: argparse.Namespace, *, checkpoint: bool) -> JobConfig:
         train=train_config(args),
         run_dir=args.run_dir,
         checkpoint=checkpoint,
+        checkpoint_every=getattr(args, "checkpoint_every", 0),
+        keep_checkpoints=getattr(args, "keep_checkpoints", 2),
+        resume=getattr(args, "resume", "never"),
     )
 
 
-def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+def _world_size(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    from torchrec_prune.train.job import make_stream, run_job, summarize_line
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    return int(os.environ.get("WORLD_SIZE", args.nproc))
 
+
+def _prepare_run(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    extra: dict | None,
+    train: Callable[[PreparedJob], int],
+    check: Callable[[PreparedJob, int], None] | None = None,
+    replica: str = "model",
+) -> Runner:
+    """Check the job (and a resume of it) here, then run ``train(prepared)`` here or under torchrun."""
+    from torchrec_prune.train.job import prepare_job
+
+    world_size = _world_size(args)
     config = job_config(args, checkpoint=not args.no_checkpoint)
-    stream = make_stream(config)  # bad paths and malformed headers fail here, before any training
+    # bad paths, malformed headers, a resume into another model or other settings: fail here
+    prepared = prepare_job(config, extra=extra, world_size=world_size, replica=replica)
+    if check is not None:
+        check(prepared, world_size)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return lambda: _relaunch_under_torchrun(args.nproc, argv)
+        return lambda: _relaunch_under_torchrun(args.nproc, args.max_restarts, argv)
+    return lambda: train(prepared)
 
-    def run() -> int:
-        result = run_job(config, stream=stream)
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    from torchrec_prune.train.job import run_job, summarize_line
+
+    def train(prepared: PreparedJob) -> int:
+        result = run_job(prepared)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(summarize_line(result, config.run_dir))
+            print(summarize_line(result, prepared.config.run_dir))
         return 0
 
-    return run
+    return _prepare_run(args, argv, None, train)
 
 
-def _relaunch_under_torchrun(nproc: int, argv: Sequence[str]) -> int:
+_SCHEMES = {"alternate": "alternate", "prune-only": "prune_only", "grow-only": "grow_only", "dsd": "dsd"}
+
+
+def _cmd_grow_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    from torchrec_prune.schedules.grow_prune import GrowPruneConfig
+    from torchrec_prune.schedules.phases import scheme
+
+    config = GrowPruneConfig(
+        plan=scheme(_SCHEMES[args.scheme]), beta=args.beta, window_steps=args.window_steps, seed=args.seed
+    )  # checks beta and the importance window
+    extra = {"grow_prune": {"scheme": args.scheme, "beta": args.beta, "window_steps": args.window_steps}}
+
+    def check(prepared: PreparedJob, world_size: int) -> None:  # every phase must be non-empty
+        loop = prepared.config.train
+        config.plan.sample_bounds(prepared.stream.num_rows, loop.increment_rows, loop.batch_size * world_size)
+
+    def train(prepared: PreparedJob) -> int:
+        from torchrec_prune.schedules.jobs import run_grow_prune_job
+
+        line = run_grow_prune_job(prepared, config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line)
+        return 0
+
+    return _prepare_run(args, argv, extra, train, check)
+
+
+def _cmd_d2s(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    from torchrec_prune.pruners.aux import AuxConfig
+    from torchrec_prune.schedules.d2s import D2SConfig
+
+    lines = (args.mode, "fixed_mask") if args.with_baseline else (args.mode,)
+    config = D2SConfig(
+        r=args.r,
+        p=args.p,
+        threshold=args.threshold,
+        warmup=args.warmup,
+        prune_fraction=args.prune_fraction,
+        aux=AuxConfig(lam=args.lam, eps=args.eps),
+        lines=lines,
+    )  # checks r >= p >= 1, the threshold, warm-up and AUX settings
+    extra = {"d2s": {k: getattr(args, k) for k in _D2S_FLAGS}}
+
+    def check(prepared: PreparedJob, world_size: int) -> None:
+        loop = prepared.config.train
+        if loop.increment_rows < loop.batch_size * world_size:
+            raise ValueError(
+                f"--increment-rows ({loop.increment_rows}) must be >= --batch-size x ranks "
+                f"({loop.batch_size} x {world_size})"
+            )
+        increments = -(-prepared.stream.num_rows // loop.increment_rows)
+        if increments <= config.first_serving:
+            raise ValueError(
+                f"--rows: {prepared.stream.num_rows} rows give {increments} increments of "
+                f"{loop.increment_rows}, but D2S warms up for {config.first_serving}; use more rows or "
+                "smaller --increment-rows"
+            )
+
+    def train(prepared: PreparedJob) -> int:
+        from torchrec_prune.schedules.jobs import run_d2s_job
+
+        text = run_d2s_job(prepared, config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(text)
+        return 0
+
+    return _prepare_run(args, argv, extra, train, check, replica="dense")
+
+
+_D2S_FLAGS = ("r", "p", "mode", "threshold", "warmup", "prune_fraction", "lam", "eps", "with_baseline")
+
+
+def _relaunch_under_torchrun(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
     """Re-run this command as ``nproc`` torchrun ranks on this machine (loopback rendezvous)."""
-    rest = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
+    rest = [a for i, a in enumerate(argv) if not _is_flag(argv, i, ("--nproc", "--max-restarts"))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "torchrec_prune.cli", *rest]
+    cmd += [f"--max-restarts={max_restarts}", "-m", "torchrec_prune.cli", *rest]
     return subprocess.call(cmd)
 
 
-def _is_nproc(argv: Sequence[str], i: int) -> bool:
+def _is_flag(argv: Sequence[str], i: int, flags: tuple[str, ...]) -> bool:
+    """Whether ``argv[i]`` is one of ``flags`` (``--flag V`` or ``--flag=V``) or its value."""
     a = argv[i]
-    return a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+    return a in flags or a.startswith(tuple(f"{f}=" for f in flags)) or (i > 0 and argv[i - 1] in flags)
 
 
 # Which methods each sparsity knob of ``prune`` applies to (a knob given to another method is an error).
@@ -171,10 +295,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="incremental training of a wrapped DLRM on a stream")
     add_stream_args(train, rows=100_000, window=5_000, increment_rows=20_000)
-    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun, gloo on CPU)")
-    train.add_argument("--run-dir", default="runs/train")
-    train.add_argument("--no-checkpoint", action="store_true")
+    add_run_args(train, run_dir="runs/train")
     train.set_defaults(func=_cmd_train)
+
+    grow = sub.add_parser(
+        "grow-prune",
+        help="alternate grow/prune (or a baseline scheme) of MLP neurons while training on a stream",
+        description="Train on the stream under a growth-paper scheme: neurons of every hidden layer are "
+        "pruned by Taylor importance entering each sparse phase and regrown at exactly zero leaving it.",
+    )
+    add_stream_args(grow, rows=100_000, window=5_000, increment_rows=20_000)
+    add_run_args(grow, run_dir="runs/grow_prune")
+    grow.add_argument("--scheme", choices=tuple(_SCHEMES), default="alternate")
+    grow.add_argument("--beta", type=float, default=0.7, help="fraction of neurons pruned in sparse phases")
+    grow.add_argument("--window-steps", type=int, default=50, help="batches of Taylor importance")
+    grow.set_defaults(func=_cmd_grow_prune)
+
+    d2s = sub.add_parser(
+        "d2s",
+        help="Dense-to-Sparse: a dense job, AUX pruning jobs and a serving line on one stream",
+        description="Train a dense model on every increment; every --r increments (or earlier in "
+        "adaptive mode) an AUX pruning job cuts a sparse serving model from the dense snapshot --p "
+        "increments back, trained on those increments; the serving model is scored look-ahead on every "
+        "increment before it trains on it.",
+    )
+    add_stream_args(d2s, rows=200_000, window=5_000, increment_rows=20_000)
+    add_run_args(d2s, run_dir="runs/d2s")
+    d2s.add_argument("--r", type=int, default=4, help="increments each sparse model serves")
+    d2s.add_argument("--p", type=int, default=2, help="increments back of the snapshot pruned")
+    d2s.add_argument("--mode", choices=("fixed", "adaptive"), default="fixed")
+    d2s.add_argument("--threshold", type=float, default=0.01, help="adaptive: relative CE gap to re-prune")
+    d2s.add_argument("--warmup", type=int, default=None, help="increments before the first sparse model")
+    d2s.add_argument("--prune-fraction", type=float, default=0.5, help="share of the p increments pruning")
+    d2s.add_argument("--lam", type=float, default=1.75, help="AUX sparsity penalty lambda")
+    d2s.add_argument("--eps", type=float, default=0.2, help="AUX latent-score step")
+    d2s.add_argument(
+        "--with-baseline", action="store_true", help="also run the single fixed-mask AUX model (baseline)"
+    )
+    d2s.set_defaults(func=_cmd_d2s)
 
     prune = sub.add_parser(
         "prune",
@@ -204,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """INFO to stderr with time and rank (one line per event, readable in a job log)."""
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -211,8 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare: Callable[[argparse.Namespace, Sequence[str]], Runner] = args.func
     try:
         runner = prepare(args, argv)  # validation only: nothing has trained yet
+    except CheckpointMismatchError as e:
+        parser.exit(2, f"torchrec-prune: error: {e.one_line()}\n")
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         parser.exit(2, f"torchrec-prune: error: {e}\n")
+    setup_logging()
     return runner()
 
 

@@ -49,7 +49,8 @@ def main() -> None:
     recorder = RowRecorder()
     pruners = []
 
-    def hooks(model):
+    def hooks(replica):
+        model = replica.model
         # Under DMP: AUX on the top MLP, Taylor on the bottom MLP and the embedding dimensions. Each rank
         # sees different rows; reduced statistics must give every rank the same masks.
         aux = AuxConfig(lam=1.5, eps=0.05, phase_steps=20, targets=Targets(["*over_arch*"]))

@@ -63,6 +63,15 @@ class CheckpointMismatchError(ValueError):
             + hint
         )
 
+    def one_line(self, shown: int = 3) -> str:
+        """The first ``shown`` differences on one line, for command-line errors."""
+        details = [m.describe() for m in self.mismatches]
+        more = f"; and {len(details) - shown} more" if len(details) > shown else ""
+        return (
+            f"checkpoint {self.path!r} does not match the model ({len(details)} differences; are the model "
+            f"and stream flags those it was trained with?): {'; '.join(details[:shown])}{more}"
+        )
+
 
 def is_mask_key(key: str) -> bool:
     """Whether a state-dict key is a mask buffer added by ``wrap``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,10 @@ def init_distributed(backend: str | None = None) -> torch.device:
 
     Uses NCCL on ``cuda:LOCAL_RANK`` when a GPU is visible, otherwise gloo on CPU. Calling it again
     once the group exists only returns the device.
+
+    After a ``torchrun --max-restarts`` restart the workers share the agent's store with the failed
+    attempt, whose ranks left their addresses under the same keys: a new rank could read a dead rank's
+    address and fail to connect. The group's keys are therefore prefixed with the restart count.
     """
     use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
     if use_cuda:
@@ -144,7 +149,22 @@ def init_distributed(backend: str | None = None) -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt == 0:
+            dist.init_process_group(backend=backend)
+        else:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world_size,
+                is_master=not agent_store and rank == 0,
+                timeout=timedelta(minutes=10),
+            )
+            prefixed = dist.PrefixStore(f"torchrec_prune/attempt_{attempt}", store)
+            dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size)
     return device
 
 

@@ -10,13 +10,14 @@ alike, so the Taylor score needs no access to the table weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.hooks import RemovableHandle
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_prune.importance.reduce import all_reduce_mean_
+from torchrec_prune.importance.state import Stateless, accumulator, check_keys, cpu_clones
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
 from torchrec_prune.masks.surgery import embedding_weight_blocks
 
@@ -24,7 +25,10 @@ TableKey = tuple[str, str]  # (module FQN, table name)
 
 
 class ColumnScorer(Protocol):
-    """Importance of every column of every table of a set of ``MaskedEmbeddingBagCollection``s."""
+    """Importance of every column of every table of a set of ``MaskedEmbeddingBagCollection``s.
+
+    Its state (what it accumulated) is checkpointed with its pruner's, for exact resume.
+    """
 
     def attach(self, modules: Mapping[str, MaskedEmbeddingBagCollection]) -> None: ...
 
@@ -34,13 +38,24 @@ class ColumnScorer(Protocol):
 
     def close(self) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 def _zeros(module: MaskedEmbeddingBagCollection, table: str) -> torch.Tensor:
     mask = module.dim_mask(table)
     return torch.zeros(mask.numel(), device=mask.device)
 
 
-class ColumnMagnitude:
+def _column_accumulator(
+    store: dict[TableKey, torch.Tensor], fqn: str, module: MaskedEmbeddingBagCollection, table: str
+) -> torch.Tensor:
+    mask = module.dim_mask(table)
+    return accumulator(store, (fqn, table), (mask.numel(),), mask.device, "ColumnTaylor")
+
+
+class ColumnMagnitude(Stateless):
     """L2 norm of each column over all rows of the table (every local shard contributes its rows)."""
 
     def attach(self, modules: Mapping[str, MaskedEmbeddingBagCollection]) -> None:
@@ -112,7 +127,7 @@ class ColumnTaylor:
             table = module.table_of(key)
             per_table[table] = per_table.get(table, 0) + part
         for table, change in per_table.items():
-            acc = self._sums.setdefault((fqn, table), _zeros(module, table))
+            acc = _column_accumulator(self._sums, fqn, module, table)
             acc += change.square().to(acc.device)
 
     def observe(self, modules: Mapping[str, MaskedEmbeddingBagCollection]) -> None:
@@ -121,12 +136,27 @@ class ColumnTaylor:
     @torch.no_grad()
     def scores(self, modules: Mapping[str, MaskedEmbeddingBagCollection]) -> dict[TableKey, torch.Tensor]:
         sums = {
-            (fqn, config.name): self._sums.setdefault((fqn, config.name), _zeros(module, config.name))
+            (fqn, config.name): _column_accumulator(self._sums, fqn, module, config.name)
             for fqn, module in sorted(modules.items())
             for config in module.embedding_bag_configs()
         }
         all_reduce_mean_(list(sums.values()))
         return {key: acc / max(self.batches, 1) for key, acc in sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sums as ``{module FQN: {table: tensor}}`` (string keys all the way down) and the batch count."""
+        sums: dict[str, dict[str, torch.Tensor]] = {}
+        for (fqn, table), acc in cpu_clones(self._sums).items():
+            sums.setdefault(fqn, {})[table] = acc
+        return {"sums": sums, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore onto the CPU; each sum moves to its table's device when the scorer next uses it."""
+        check_keys("ColumnTaylor", state, ["sums", "batches"])
+        self._sums = cpu_clones(
+            {(fqn, t): acc for fqn, tables in state["sums"].items() for t, acc in tables.items()}
+        )
+        self.batches = state["batches"]
 
     def close(self) -> None:
         for handle in self._handles:

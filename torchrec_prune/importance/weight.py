@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from torchrec_prune.importance.reduce import all_reduce_mean_
+from torchrec_prune.importance.state import Stateless, accumulator, check_keys, cpu_clones
 from torchrec_prune.masks.linear import MaskedLinear
 
 
@@ -50,7 +51,10 @@ def weight_gradient(layer: MaskedLinear) -> torch.Tensor | None:
 
 
 class WeightScorer(Protocol):
-    """Importance of every weight of a set of ``MaskedLinear`` layers, keyed by FQN."""
+    """Importance of every weight of a set of ``MaskedLinear`` layers, keyed by FQN.
+
+    Its state (what ``observe`` accumulated) is checkpointed with its pruner's, for exact resume.
+    """
 
     needs_effective_grad: bool
 
@@ -58,9 +62,19 @@ class WeightScorer(Protocol):
 
     def scores(self, layers: Mapping[str, MaskedLinear]) -> dict[str, torch.Tensor]: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _weight_accumulator(
+    store: dict[str, torch.Tensor], fqn: str, layer: MaskedLinear, owner: str
+) -> torch.Tensor:
+    return accumulator(store, fqn, layer.weight.shape, layer.weight.device, owner)
+
 
 @dataclass
-class Magnitude:
+class Magnitude(Stateless):
     """MP: importance ``|theta|``."""
 
     needs_effective_grad: bool = field(default=False, init=False)
@@ -85,7 +99,7 @@ class Taylor:
     @torch.no_grad()
     def observe(self, layers: Mapping[str, MaskedLinear]) -> None:
         for fqn, layer in sorted(layers.items()):
-            acc = self._sums.setdefault(fqn, torch.zeros_like(layer.weight, dtype=torch.float32))
+            acc = _weight_accumulator(self._sums, fqn, layer, "Taylor")
             grad = weight_gradient(layer)
             if grad is not None:
                 acc.add_((grad * layer.weight).abs())
@@ -93,11 +107,19 @@ class Taylor:
     @torch.no_grad()
     def scores(self, layers: Mapping[str, MaskedLinear]) -> dict[str, torch.Tensor]:
         out = {
-            fqn: self._sums.setdefault(fqn, torch.zeros_like(layer.weight, dtype=torch.float32))
+            fqn: _weight_accumulator(self._sums, fqn, layer, "Taylor")
             for fqn, layer in sorted(layers.items())
         }
         all_reduce_mean_(list(out.values()))
         return {fqn: acc.clone() for fqn, acc in out.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": cpu_clones(self._sums)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore onto the CPU; each sum moves to its layer's device when the scorer next uses it."""
+        check_keys("Taylor", state, ["sums"])
+        self._sums = cpu_clones(state["sums"])
 
 
 @dataclass
@@ -127,7 +149,7 @@ class Momentum:
     @torch.no_grad()
     def observe(self, layers: Mapping[str, MaskedLinear]) -> None:
         for fqn, layer in sorted(layers.items()):
-            ema = self._ema.setdefault(fqn, torch.zeros_like(layer.weight, dtype=torch.float32))
+            ema = _weight_accumulator(self._ema, fqn, layer, "Momentum")
             grad = weight_gradient(layer)
             ema.mul_(self.decay)
             if grad is not None:
@@ -137,9 +159,17 @@ class Momentum:
     def scores(self, layers: Mapping[str, MaskedLinear]) -> dict[str, torch.Tensor]:
         # The EMA is linear in the gradients: its mean over ranks is the EMA of the mean gradient.
         emas = {
-            fqn: self._ema.setdefault(fqn, torch.zeros_like(layer.weight, dtype=torch.float32))
+            fqn: _weight_accumulator(self._ema, fqn, layer, "Momentum")
             for fqn, layer in sorted(layers.items())
         }
         thetas = {fqn: layers[fqn].weight.detach().to(torch.float32, copy=True) for fqn in emas}
         all_reduce_mean_([*emas.values(), *thetas.values()])
         return {fqn: combined_importance(self.w1, thetas[fqn], self.w2, emas[fqn]) for fqn in emas}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": cpu_clones(self._ema)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore onto the CPU; each EMA moves to its layer's device when the scorer next uses it."""
+        check_keys("Momentum", state, ["ema"])
+        self._ema = cpu_clones(state["ema"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ import torch.distributed as dist
 from torchrec_prune.metrics.functional import bce_sum, binary_auc, correct_sum, normalized_entropy
 
 _INT_FIELDS = frozenset({"window", "samples_end", "n"})
+_STATE_KEYS = frozenset(
+    "window_size index samples filled rank rank_counts scores labels device totals".split()
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,62 @@ class LookAheadWindow:
         if n == 0:
             return StreamTotals(0, math.nan, math.nan, math.nan, math.nan)
         return StreamTotals(n, bce / n, normalized_entropy(bce, pos, n), pos / n, correct / n)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's view of the window, for exact resume: counters, the whole-stream sums, and the
+        open window's counts per rank with this rank's part of its scores and labels (CPU copies).
+
+        Every rank saves its own state, since each holds only its part of the open window.
+        """
+        _, rank = self._world()
+        scores = torch.cat(self._scores) if self._scores else torch.empty(0)
+        labels = torch.cat(self._labels) if self._labels else torch.empty(0)
+        return {
+            "window_size": self.window_size,
+            "index": self._index,
+            "samples": self._samples,
+            "filled": self._filled,
+            "rank": rank,
+            "rank_counts": list(self._rank_counts),
+            "scores": scores.cpu(),  # cat made a copy: no alias of the live parts
+            "labels": labels.cpu(),
+            "device": str(self._device),
+            "totals": list(self._totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` of the same rank onto a fresh window; the open window's scores go back
+        to the device they came from (the one the collectives of a closing window run on).
+
+        Raises:
+            ValueError: keys or ``window_size`` differ, or the open window is non-empty and the state
+                comes from another number of ranks or another rank: its partial sums are per rank.
+        """
+        if set(state) != _STATE_KEYS:
+            raise ValueError(
+                f"LookAheadWindow state must have keys {sorted(_STATE_KEYS)}, got {sorted(state)}"
+            )
+        if state["window_size"] != self.window_size:
+            raise ValueError(
+                f"LookAheadWindow state has window_size {state['window_size']}, this window has "
+                f"{self.window_size}"
+            )
+        world, rank = self._world()
+        saved_world = len(state["rank_counts"])
+        if state["filled"] and (saved_world, state["rank"]) != (world, rank):
+            raise ValueError(
+                f"LookAheadWindow state of rank {state['rank']} of {saved_world} cannot be loaded on rank "
+                f"{rank} of {world}: its open window holds {state['filled']} samples whose partial sums are "
+                "per rank; resume with the same world size, or from a checkpoint at a window boundary"
+            )
+        self._index = state["index"]
+        self._samples = state["samples"]
+        self._filled = state["filled"]
+        self._rank_counts = list(state["rank_counts"])
+        self._device = torch.device(state["device"])
+        self._scores = [state["scores"].to(self._device, copy=True)] if state["scores"].numel() else []
+        self._labels = [state["labels"].to(self._device, copy=True)] if state["labels"].numel() else []
+        self._totals = list(state["totals"])
 
     def _close(self) -> WindowRecord:
         if self._scores:

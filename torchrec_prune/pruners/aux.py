@@ -21,11 +21,13 @@ optimizer state (``set_masks_``), and training continues with that fixed mask. T
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchrec_prune.importance.reduce import all_reduce_mean_
+from torchrec_prune.importance.state import cpu_clones, load_like
 from torchrec_prune.importance.weight import check_weights, combined_importance
 from torchrec_prune.masks.surgery import set_masks_
 from torchrec_prune.pruners.base import OptimizersArg, PrunerBase, optimizers_of
@@ -149,6 +151,31 @@ class AuxPruner(PrunerBase):
             # Re-open first so that set_masks_ sees every pruned weight as newly closed and resets its state.
             layer.weight_mask.fill_(True)
             set_masks_(layer, optimizers, name=fqn, weight_mask=latent_sign(self.latent[fqn]))
+        self._stop_capturing()
+        self.finalized = True
+
+    def _stop_capturing(self) -> None:
+        """A frozen mask needs no mask gradient: turn its capture off (at finalize, and when a finalized
+        state is restored onto a fresh pruner, which turned it on)."""
+        for layer in self.linears.values():
             layer.capture_effective_grad = False
             layer.effective_grad = None
-        self.finalized = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, finalized flag, unit shapes and the latent scores (CPU copies).
+
+        Raises:
+            RuntimeError: called between ``before_step`` and ``after_step``, where pruned weights' values
+                are held outside the model and the state would not be complete.
+        """
+        if self._held:
+            raise RuntimeError(
+                "AuxPruner.state_dict() was called between before_step and after_step; take it between steps"
+            )
+        return {**super().state_dict(), "latent": cpu_clones(self.latent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.latent = load_like("AuxPruner", "latent scores", state["latent"], self.latent)
+        if self.finalized:
+            self._stop_capturing()

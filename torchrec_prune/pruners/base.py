@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from torchrec_prune.importance.state import check_keys, check_shapes
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.train.hooks import BaseHook, StepContext
@@ -102,7 +103,11 @@ class Pruner(Protocol):
 
 
 class PrunerBase(BaseHook):
-    """Shared bookkeeping: the targeted modules, ``stats()`` and the finalized flag."""
+    """Shared bookkeeping: the targeted modules, ``stats()``, the step count and the finalized flag.
+
+    ``state_dict``/``load_state_dict`` checkpoint what the pruner has learned, not the masks: those are
+    model buffers, saved with the weights and restored before the pruner's state is loaded.
+    """
 
     def __init__(
         self,
@@ -119,3 +124,27 @@ class PrunerBase(BaseHook):
         for fqn, module in self.embeddings.items():
             out.update(embedding_stats(module, fqn))
         return out
+
+    def _unit_shapes(self) -> dict[str, list[int]]:
+        """Shape of every pruned unit: each Linear's weight, each table's dimension mask (by buffer FQN)."""
+        out = {fqn: list(layer.weight_mask.shape) for fqn, layer in self.linears.items()}
+        for fqn, module in self.embeddings.items():
+            for config in module.embedding_bag_configs():
+                out[f"{fqn}.dim_masks.{config.name}"] = list(module.dim_mask(config.name).shape)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, the finalized flag, and the pruned units' shapes, so a state of another model is refused.
+
+        Subclasses add what they learn.
+        """
+        return {"units": self._unit_shapes(), "steps": self.steps, "finalized": self.finalized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore onto a fresh pruner of the same configuration, whose model's weights and masks are
+        already restored. Raises ``ValueError`` for a state of another pruner or model."""
+        owner = type(self).__name__
+        check_keys(owner, state, self.state_dict())  # the keys of this pruner's state, subclass included
+        check_shapes(owner, "pruned units", state["units"], self._unit_shapes())
+        self.steps = state["steps"]
+        self.finalized = state["finalized"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,14 +171,41 @@ class GradualPruner(PrunerBase):
         optimizers = optimizers_of(ctx_or_optimizers)
         for fqn, layer in self.linears.items():
             set_masks_(layer, optimizers, name=fqn)
-            if self.scorer.needs_effective_grad:
-                layer.capture_effective_grad = False
-                layer.effective_grad = None
         for fqn, module in self.embeddings.items():
             set_masks_(module, optimizers, name=fqn)
+        self._stop_scoring()
+        self.finalized = True
+
+    def _stop_scoring(self) -> None:
+        """Release what scoring holds on the model (gradient capture, column hooks): at finalize, and when
+        a finalized state is restored onto a fresh pruner, which set them up."""
+        if self.scorer.needs_effective_grad:
+            for layer in self.linears.values():
+                layer.capture_effective_grad = False
+                layer.effective_grad = None
         if self.column_scorer is not None:
             self.column_scorer.close()
-        self.finalized = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Steps (the ramp position: schedules are stateless), finalized flag, unit shapes, whether the
+        phase is over, the next re-selection (adaptation variant) and the scorers' states."""
+        return {
+            **super().state_dict(),
+            "phase_over": self.phase_over,
+            "next_reselect": self._next_reselect,
+            "scorer": self.scorer.state_dict(),
+            "column_scorer": None if self.column_scorer is None else self.column_scorer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.phase_over = state["phase_over"]
+        self._next_reselect = state["next_reselect"]
+        self.scorer.load_state_dict(state["scorer"])
+        if self.column_scorer is not None:
+            self.column_scorer.load_state_dict(state["column_scorer"])
+        if self.finalized:
+            self._stop_scoring()
 
 
 def magnitude_pruner(

@@ -2,7 +2,8 @@
 
 A schedule is asked once per finished training step (``step`` counts the pruner's steps from 1) and
 answers the fraction of the target sparsity due now, or ``None`` when no mask change is due. Pruners
-count their own steps, so a pruner created halfway through a stream starts its phase at once.
+count their own steps, so a pruner created halfway through a stream starts its phase at once, and a
+schedule holds no state: its position is the pruner's step count, checkpointed with the pruner.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -280,3 +281,12 @@ class NeuronPruner(PrunerBase):
                 optimizers_of(ctx_or_optimizers),
             )
         self.finalized = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, finalized flag, unit shapes, the importance gathered so far and the kept counts."""
+        return {**super().state_dict(), "scorer": self.scorer.state_dict(), "kept": dict(self.kept)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scorer.load_state_dict(state["scorer"])
+        self.kept = dict(state["kept"])

@@ -1,14 +1,14 @@
 """Dense-to-Sparse (D2S, SPEC 6, D2S paper section 4): a dense job, pruning jobs and serving lines.
 
-- ``DenseJob`` trains the full model on every increment, forever, and keeps a snapshot (deep copies of
-  the model's and optimizer's state dicts) taken before each of the last ``p`` increments.
+- ``DenseJob`` trains the full model on every increment, forever, and keeps snapshots (replicas of the
+  model with its optimizer state) taken before each of the last ``p`` increments.
 - ``PruningJob`` turns the snapshot from ``p`` increments back into a sparse model: AUX pruning on the
   data of those ``p`` increments, then fine-tuning with the fixed mask on the rest of them.
 - ``ServingJob`` is one serving line: the sparse model that serves now, scored look-ahead on each
   increment *before* it trains on that increment (with its fixed mask).
 
-``D2SController`` interleaves them in one process, increment by increment. Several serving lines can
-share one dense job, so they are compared on the same samples against the same dense model:
+``D2SController`` interleaves them increment by increment. Several serving lines can share one dense
+job, so they are compared on the same samples against the same dense model:
 
 - ``fixed``: D2S, a new sparse model replaces the serving one every ``r`` increments.
 - ``adaptive``: D2S, also early when the serving model's look-ahead CE on an increment exceeds the dense
@@ -19,18 +19,25 @@ share one dense job, so they are compared on the same samples against the same d
 The first sparse model is produced after ``warmup`` increments; until then the dense model serves every
 line (its scores stand in), so every line's windows cover the whole stream and relative CE is always
 taken on the same samples.
+
+Under torchrun + DMP every job is data-parallel over all ranks: each rank runs the same sequence of jobs
+on its own partition of each increment, models are DMP replicas sharded with one plan (see
+``torchrec_prune.train.replica``), and every decision is taken from all-reduced figures (AUX statistics,
+per-increment CE), so masks and swaps are identical on every rank. Interleaving on all ranks, rather
+than jobs on process subgroups, keeps one sharding plan and one process group for every model, and no
+rank idles while another job runs.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
@@ -43,6 +50,7 @@ from torchrec_prune.pruners.aux import AuxConfig, AuxPruner
 from torchrec_prune.pruners.base import overall_sparsity
 from torchrec_prune.train.flops import FlopsTotals
 from torchrec_prune.train.hooks import TrainHook
+from torchrec_prune.train.replica import LocalReplicaFactory, Replica, ReplicaFactory
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, default_forward, make_optimizer
 
 LINES = ("fixed", "adaptive", "fixed_mask", "adaptation")
@@ -117,17 +125,27 @@ class D2SConfig:
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class IncrementScores:
-    """Look-ahead logits and labels of one model on one increment."""
+    """Look-ahead logits and labels of one model on one increment (this rank's share)."""
 
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[torch.Tensor] = field(default_factory=list)
 
-    @property
     def ce(self) -> float:
+        """Mean BCE over the increment on every rank (NaN when empty).
+
+        Collective under a process group (sums of BCE and counts are all-reduced): call it on every rank,
+        which then all get the same value, so decisions taken from it agree.
+        """
         n = sum(t.numel() for t in self.labels)
-        if not n:
-            return float("nan")
-        return float(bce_sum(torch.cat(self.logits), torch.cat(self.labels))) / n
+        if self.logits:  # on the logits' device, where the collective runs (CUDA under NCCL)
+            bce = bce_sum(torch.cat(self.logits), torch.cat(self.labels))
+        else:
+            bce = torch.zeros((), dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = torch.stack([bce, torch.tensor(float(n), dtype=torch.float64, device=bce.device)])
+            dist.all_reduce(sums)
+            bce, n = sums[0], int(sums[1])
+        return float(bce) / n if n else float("nan")
 
 
 class _Capture:
@@ -152,48 +170,89 @@ def _quiet(train: TrainConfig) -> TrainConfig:
     return replace(train, progress=False)
 
 
+def _resolve(
+    model: nn.Module | Replica, factory: ReplicaFactory | None, train: TrainConfig
+) -> tuple[Replica, ReplicaFactory]:
+    """A plain model trains in place with an optimizer from ``train``; replicas default to copies of it."""
+
+    def optimizers(m: nn.Module) -> list[torch.optim.Optimizer]:
+        return [make_optimizer(m.parameters(), train)]
+
+    dense = model if isinstance(model, Replica) else Replica(model, optimizers(model))
+    return dense, factory or LocalReplicaFactory(dense.model, optimizers)
+
+
+def _records(state: list[dict[str, Any]]) -> list[WindowRecord]:
+    return [WindowRecord(**r) for r in state]
+
+
 @dataclass
 class Snapshot:
-    """The dense job's state before it trained on increment ``increment``."""
+    """The dense job's replica (model and optimizer state) from before it trained on ``increment``."""
 
     increment: int
-    model_state: dict[str, Any]
-    optimizer_state: dict[str, Any]
+    replica: Replica
 
 
 class DenseJob:
     """Train the dense model on every increment and keep snapshots of the last ``keep`` increments.
 
+    A snapshot is a replica filled by ``factory.copy_``; the oldest one's replica is reused for the next,
+    so at most ``keep`` snapshot replicas ever exist.
+
     Args:
-        model: the wrapped dense model.
+        dense: the wrapped dense model (trained in place, with an optimizer from ``train``) or a replica.
         train: loop settings.
         keep: snapshots to keep (the ``p`` of D2S, >= 1).
         device: where batches go.
+        factory: builds and fills snapshot replicas (default: deep copies of ``dense``, one process).
+        forward_fn: ``(model, batch) -> (loss, logits)``.
+
+    Example::
+
+        job = DenseJob(wrap(build_dlrm()), TrainConfig(), keep=2)
+        for increment in iter_increments(stream, 20_000, 128):
+            job.train(increment)
     """
 
-    def __init__(self, model: nn.Module, train: TrainConfig, keep: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dense: nn.Module | Replica,
+        train: TrainConfig,
+        keep: int,
+        device: torch.device | str = "cpu",
+        *,
+        factory: ReplicaFactory | None = None,
+        forward_fn: ForwardFn = default_forward,
+    ):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"DenseJob.keep must be an integer >= 1, got {keep!r}")
-        self.model = model
-        self.optimizer = make_optimizer(model.parameters(), train)
-        self.capture = _Capture()
+        self.replica, self.factory = _resolve(dense, factory, train)
+        self.capture = _Capture(forward_fn)
         self.trainer = IncrementalTrainer(
-            model, _quiet(train), optimizers=[self.optimizer], device=device, forward_fn=self.capture
+            self.replica.model,
+            _quiet(train),
+            optimizers=self.replica.optimizers,
+            device=device,
+            forward_fn=self.capture,
         )
         self.keep = keep
         self.snapshots: dict[int, Snapshot] = {}
         self.records: list[WindowRecord] = []
         self.seconds = 0.0
 
+    @property
+    def model(self) -> nn.Module:
+        return self.replica.model
+
     def train(self, increment: Increment) -> IncrementScores:
         """Snapshot, then train on ``increment``; returns its look-ahead scores."""
-        self.snapshots[increment.index] = Snapshot(
-            increment.index,
-            copy.deepcopy(self.model.state_dict()),
-            copy.deepcopy(self.optimizer.state_dict()),
-        )
-        for old in [k for k in self.snapshots if k <= increment.index - self.keep]:
+        stale = sorted(k for k in self.snapshots if k <= increment.index - self.keep)
+        replica = self.snapshots.pop(stale[0]).replica if stale else self.factory.build()
+        for old in stale[1:]:
             del self.snapshots[old]
+        self.factory.copy_(replica, self.replica)
+        self.snapshots[increment.index] = Snapshot(increment.index, replica)
         started = time.perf_counter()
         self.records += self.trainer.train_increment(increment)
         self.seconds += time.perf_counter() - started
@@ -212,6 +271,31 @@ class DenseJob:
     @property
     def flops(self) -> FlopsTotals:
         return self.trainer.flops.totals
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer state, records, time and which snapshots exist (their tensors live in the replicas)."""
+        return {
+            "trainer": self.trainer.state_dict(),
+            "records": [asdict(r) for r in self.records],
+            "seconds": self.seconds,
+            "snapshots": sorted(self.snapshots),
+        }
+
+    def prepare_resume(self, state: dict[str, Any]) -> None:
+        """Build the (empty) snapshot replicas that ``state`` refers to, for the caller to load."""
+        for k in state["snapshots"]:
+            if k not in self.snapshots:
+                self.snapshots[k] = Snapshot(k, self.factory.build())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if sorted(self.snapshots) != list(state["snapshots"]):
+            raise ValueError(
+                f"the dense job holds snapshots {sorted(self.snapshots)} but the state has "
+                f"{list(state['snapshots'])}: call prepare_resume(state) first"
+            )
+        self.trainer.load_state_dict(state["trainer"])
+        self.records = _records(state["records"])
+        self.seconds = state["seconds"]
 
 
 @dataclass(frozen=True)
@@ -232,13 +316,18 @@ class Birth:
     flops: FlopsTotals
     seconds: float
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Birth:
+        """Inverse of ``dataclasses.asdict``."""
+        return cls(**{**values, "flops": FlopsTotals(**values["flops"])})
+
 
 @dataclass
 class SparseModel:
     """A model made by a pruning job.
 
     Args:
-        model, optimizer: the sparse model and its optimizer (state carried over from the snapshot).
+        replica: the sparse model and its optimizers (state carried over from the snapshot).
         birth: first increment it serves.
         source: increment of the dense snapshot it was pruned from.
         hooks: hooks that keep running while it serves (the AUX pruner of the adaptation variant).
@@ -247,8 +336,7 @@ class SparseModel:
         seconds: wall time of its pruning job.
     """
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    replica: Replica
     birth: int
     source: int
     hooks: list[TrainHook]
@@ -256,39 +344,56 @@ class SparseModel:
     flops: FlopsTotals
     seconds: float
 
+    @property
+    def model(self) -> nn.Module:
+        return self.replica.model
+
     def summary(self) -> Birth:
         return Birth(self.birth, self.source, self.sparsity, self.flops, self.seconds)
 
-    def clone(self) -> SparseModel:
-        """An independent copy (model and optimizer state), to serve on another line."""
-        model, optimizer = copy.deepcopy((self.model, self.optimizer))  # one memo: the copy owns its params
-        return replace(self, model=model, optimizer=optimizer, hooks=[])
+    def copy(self, factory: ReplicaFactory) -> SparseModel:
+        """An independent copy (model and optimizer state, no hooks), to serve on another line."""
+        replica = factory.build()
+        factory.copy_(replica, self.replica)
+        return replace(self, replica=replica, hooks=[])
 
 
 class PruningJob:
     """Prune a dense snapshot with AUX on the data of the increments after it, then fine-tune the fixed mask.
 
     Args:
-        template: a model with the dense model's structure (snapshots are loaded into deep copies of it).
+        factory: builds the replica the snapshot is copied into.
         train: loop settings.
         aux: AUX settings.
         prune_fraction: share of the data's batches spent in the AUX phase.
         device: where batches go.
+        forward_fn: ``(model, batch) -> (loss, logits)``.
+
+    Example::
+
+        sparse = PruningJob(dense_job.factory, TrainConfig(), AuxConfig(), 0.5).run(
+            dense_job.snapshot(k - p), increments[k - p : k], birth=k)
     """
 
     def __init__(
         self,
-        template: nn.Module,
+        factory: ReplicaFactory,
         train: TrainConfig,
         aux: AuxConfig,
         prune_fraction: float,
         device: torch.device | str = "cpu",
+        forward_fn: ForwardFn = default_forward,
     ) -> None:
-        self.template = copy.deepcopy(template)
+        self.factory = factory
         self.train = _quiet(train)
         self.aux = aux
         self.prune_fraction = prune_fraction
         self.device = device
+        self.forward_fn = forward_fn
+
+    def adaptation_pruner(self, model: nn.Module) -> AuxPruner:
+        """The AUX pruner of the adaptation variant: its phase never ends, the mask keeps learning."""
+        return AuxPruner(model, replace(self.aux, phase_steps=None))
 
     def run(
         self, snapshot: Snapshot, increments: Sequence[Increment], birth: int, *, adapt: bool = False
@@ -299,23 +404,28 @@ class PruningJob:
         the mask while the model serves (the adaptation variant).
         """
         started = time.perf_counter()
-        model = copy.deepcopy(self.template)
-        model.load_state_dict(snapshot.model_state)
-        optimizer = make_optimizer(model.parameters(), self.train)
-        optimizer.load_state_dict(snapshot.optimizer_state)
-        batches = sum(inc.num_batches for inc in increments)
-        phase_steps = None if adapt else max(1, round(self.prune_fraction * batches))
-        pruner = AuxPruner(model, replace(self.aux, phase_steps=phase_steps))
+        replica = self.factory.build()
+        self.factory.copy_(replica, snapshot.replica)
+        if adapt:
+            pruner = self.adaptation_pruner(replica.model)
+        else:
+            batches = sum(inc.num_batches for inc in increments)
+            phase_steps = max(1, round(self.prune_fraction * batches))
+            pruner = AuxPruner(replica.model, replace(self.aux, phase_steps=phase_steps))
         trainer = IncrementalTrainer(
-            model, self.train, optimizers=[optimizer], hooks=[pruner], device=self.device
+            replica.model,
+            self.train,
+            optimizers=replica.optimizers,
+            hooks=[pruner],
+            device=self.device,
+            forward_fn=self.forward_fn,
         )
         for increment in increments:
             trainer.train_increment(increment)
         if not adapt:
             pruner.finalize(trainer.ctx)  # a no-op when the phase already ended
         return SparseModel(
-            model=model,
-            optimizer=optimizer,
+            replica=replica,
             birth=birth,
             source=snapshot.increment,
             hooks=[pruner] if adapt else [],
@@ -336,14 +446,27 @@ class ServingJob:
         name: the line's name.
         train: loop settings.
         device: where batches go.
+        forward_fn: ``(model, batch) -> (loss, logits)``.
+
+    Example::
+
+        line = ServingJob("fixed", TrainConfig())
+        line.install(pruning_job.run(snapshot, increments[k - p : k], birth=k))
+        gap = line.serve(increments[k]).ce() / dense_scores.ce() - 1.0
     """
 
-    def __init__(self, name: str, train: TrainConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        name: str,
+        train: TrainConfig,
+        device: torch.device | str = "cpu",
+        forward_fn: ForwardFn = default_forward,
+    ) -> None:
         self.name = name
         self.train = _quiet(train)
         self.device = device
         self.window = LookAheadWindow(train.window)
-        self.capture = _Capture()
+        self.capture = _Capture(forward_fn)
         self.records: list[WindowRecord] = []
         self.current: SparseModel | None = None
         self.trainer: IncrementalTrainer | None = None
@@ -354,7 +477,7 @@ class ServingJob:
         self.seconds = 0.0
 
     def install(self, sparse: SparseModel) -> None:
-        """Replace the serving model."""
+        """Replace the serving model (the old one is released)."""
         if self.trainer is not None:
             self.flops = self.flops + self.trainer.flops.totals
         self.current = sparse
@@ -362,7 +485,7 @@ class ServingJob:
         self.trainer = IncrementalTrainer(
             sparse.model,
             self.train,
-            optimizers=[sparse.optimizer],
+            optimizers=sparse.replica.optimizers,
             hooks=sparse.hooks,
             device=self.device,
             forward_fn=self.capture,
@@ -391,6 +514,38 @@ class ServingJob:
         if self.trainer is not None:
             self.flops = self.flops + self.trainer.flops.totals
             self.trainer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Window, records, timeline and the serving model's trainer state (its tensors live in its replica).
+
+        The current model's birth and source are the last of ``births``.
+        """
+        return {
+            "window": self.window.state_dict(),
+            "trainer": None if self.trainer is None else self.trainer.state_dict(),
+            "records": [asdict(r) for r in self.records],
+            "births": [asdict(b) for b in self.births],
+            "history": list(self.history),
+            "gaps": list(self.gaps),
+            "flops": asdict(self.flops),
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.trainer is None) != (state["trainer"] is None):
+            raise ValueError(
+                f"serving line {self.name!r} {'has no' if self.trainer is None else 'has a'} model but the "
+                "state says otherwise: call prepare_resume(state) first"
+            )
+        self.window.load_state_dict(state["window"])
+        if self.trainer is not None:
+            self.trainer.load_state_dict(state["trainer"])
+        self.records = _records(state["records"])
+        self.births = [Birth.from_dict(b) for b in state["births"]]
+        self.history = [tuple(h) for h in state["history"]]
+        self.gaps = [tuple(g) for g in state["gaps"]]
+        self.flops = FlopsTotals(**state["flops"])
+        self.seconds = state["seconds"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -457,16 +612,27 @@ class D2SController:
     """Run the dense job, the pruning jobs and the serving lines of ``config`` over ``stream``.
 
     Per increment ``k``: lines due a new model get one (made by a pruning job from the dense snapshot of
-    increment ``k - p`` on increments ``k - p .. k - 1``; models born at the same increment are made once
-    and copied); the dense job snapshots, then trains on ``k``; each line serves ``k`` (or, in the
-    warm-up, takes the dense scores); the adaptive line compares its CE on ``k`` with the dense model's.
+    increment ``k - p`` on increments ``k - p .. k - 1``; lines due at the same ``k`` serve copies of one
+    pruning job's model); the dense job snapshots, then trains on ``k``; each line serves ``k`` (or, in
+    the warm-up, takes the dense scores); the adaptive line compares its CE on ``k`` with the dense
+    model's. Under a process group every rank does the same on its partition of each increment.
+
+    Resume at an increment boundary: build a controller with the same arguments, call
+    ``prepare_resume(state)``, load the tensors of every replica in ``replicas()`` (models, dense and
+    fused optimizers), then ``load_state_dict(state)`` and ``run()``. The state is this rank's.
 
     Args:
-        model: the wrapped dense model (trained in place by the dense job).
+        model: the wrapped dense model (trained in place with an optimizer from ``train``) or its replica
+            (under DMP: ``factory.build()``).
         stream: the time-ordered stream.
-        train: loop settings (``increment_rows`` is the increment Delta).
+        train: loop settings (``increment_rows`` is the increment Delta, ``batch_size`` is per rank).
         config: D2S settings and lines.
+        factory: builds every other model (snapshots, pruning jobs, serving copies); required under DMP
+            (``DMPReplicaFactory``); default: deep copies of ``model`` in one process.
         device: where batches go.
+        forward_fn: ``(model, batch) -> (loss, logits)`` of every job.
+        rank, world_size: this rank's partition of each increment (default: from the process group when
+            initialised, else 0 and 1).
 
     Raises:
         ValueError: a stream with no increment left to serve after the warm-up.
@@ -480,14 +646,27 @@ class D2SController:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Replica,
         stream: Stream,
         train: TrainConfig,
         config: D2SConfig,
         *,
+        factory: ReplicaFactory | None = None,
         device: torch.device | str = "cpu",
+        forward_fn: ForwardFn = default_forward,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
-        self.increments = list(iter_increments(stream, train.increment_rows, train.batch_size))
+        initialised = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        self.world_size = (
+            world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
+        )
+        self.increments = list(
+            iter_increments(
+                stream, train.increment_rows, train.batch_size, rank=self.rank, world_size=self.world_size
+            )
+        )
         if len(self.increments) <= config.first_serving:
             raise ValueError(
                 f"the stream has {len(self.increments)} increments of {train.increment_rows} rows but D2S "
@@ -495,11 +674,12 @@ class D2SController:
             )
         self.config = config
         self.train = train
-        self.pruning = PruningJob(model, train, config.aux, config.prune_fraction, device)
-        self.dense = DenseJob(model, train, keep=config.p, device=device)
-        self.lines = {name: ServingJob(name, train, device) for name in config.lines}
-        self._made: dict[int, SparseModel] = {}
+        dense, self.factory = _resolve(model, factory, train)
+        self.dense = DenseJob(dense, train, config.p, device, factory=self.factory, forward_fn=forward_fn)
+        self.pruning = PruningJob(self.factory, train, config.aux, config.prune_fraction, device, forward_fn)
+        self.lines = {name: ServingJob(name, train, device, forward_fn) for name in config.lines}
         self._early: set[str] = set()
+        self._next = 0  # the next increment to run
 
     def _due(self, name: str, k: int) -> bool:
         line = self.lines[name]
@@ -509,38 +689,109 @@ class D2SController:
             return False
         return k - line.current.birth >= self.config.r or name in self._early
 
-    def _produce(self, name: str, k: int) -> SparseModel:
+    def _install_due(self, k: int) -> None:
         p = self.config.p
-        snapshot, data = self.dense.snapshot(k - p), self.increments[k - p : k]
-        if name == "adaptation":
-            return self.pruning.run(snapshot, data, birth=k, adapt=True)
-        if k not in self._made:  # lines due at the same increment get copies of one pruning job's model
-            self._made = {k: self.pruning.run(snapshot, data, birth=k)}
-        return self._made[k].clone()
+        made: SparseModel | None = None
+        for name, line in self.lines.items():
+            if not self._due(name, k):
+                continue
+            snapshot, data = self.dense.snapshot(k - p), self.increments[k - p : k]
+            if name == "adaptation":
+                sparse = self.pruning.run(snapshot, data, birth=k, adapt=True)
+            elif made is None:
+                sparse = made = self.pruning.run(snapshot, data, birth=k)
+            else:  # every line due at k serves the same pruned model; no line has trained on it yet
+                sparse = made.copy(self.factory)
+            line.install(sparse)
+            self._early.discard(name)
 
-    def run(self) -> D2SResult:
-        """Train over the whole stream; returns every line's windows and the dense model's."""
+    def run(self, on_increment_end: Callable[[int], None] | None = None) -> D2SResult:
+        """Train over the rest of the stream; returns every line's windows and the dense model's.
+
+        Args:
+            on_increment_end: called with ``k`` after increment ``k`` (every job done with it), where the
+                caller may save ``replicas()`` and ``state_dict()`` to resume from ``k + 1``.
+        """
         for increment in tqdm(
-            self.increments, desc="d2s", unit="increment", disable=not self.train.progress, dynamic_ncols=True
+            self.increments[self._next :],
+            initial=self._next,
+            total=len(self.increments),
+            desc="d2s",
+            unit="increment",
+            disable=not self.train.progress or self.rank != 0,
+            dynamic_ncols=True,
         ):
             k = increment.index
-            for name, line in self.lines.items():
-                if self._due(name, k):
-                    line.install(self._produce(name, k))
-                    self._early.discard(name)
+            self._install_due(k)
             dense_scores = self.dense.train(increment)
+            dense_ce = dense_scores.ce()
             for name, line in self.lines.items():
                 if line.current is None:
                     line.stand_in(dense_scores)
                     continue
-                gap = line.serve(increment).ce / dense_scores.ce - 1.0
+                gap = line.serve(increment).ce() / dense_ce - 1.0
                 line.gaps.append((k, gap))
                 if name == "adaptive" and gap > self.config.threshold:
                     self._early.add(name)
+            self._next = k + 1
+            if on_increment_end is not None:
+                on_increment_end(k)
         self.dense.finish()
         for line in self.lines.values():
             line.finish()
         return self._result()
+
+    # ----------------------------------------------------------------------------------------------
+    def replicas(self) -> dict[str, Replica]:
+        """Every live model with its optimizers, by name: ``dense``, ``snapshot.<k>``, ``line.<name>``."""
+        out = {"dense": self.dense.replica}
+        out |= {f"snapshot.{k}": s.replica for k, s in sorted(self.dense.snapshots.items())}
+        out |= {
+            f"line.{n}": line.current.replica for n, line in self.lines.items() if line.current is not None
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the replicas' tensors: next increment, timelines, windows, trainer and AUX state.
+
+        Plain Python values and small CPU tensors; valid between increments (e.g. in ``on_increment_end``).
+        """
+        return {
+            "next": self._next,
+            "early": sorted(self._early),
+            "dense": self.dense.state_dict(),
+            "lines": {name: line.state_dict() for name, line in self.lines.items()},
+        }
+
+    def prepare_resume(self, state: dict[str, Any]) -> None:
+        """Build the replicas ``state`` refers to (snapshots, serving models), so that the caller can load
+        their tensors into ``replicas()`` before ``load_state_dict(state)``. Collective under DMP.
+
+        Raises:
+            ValueError: the state's lines are not this controller's.
+        """
+        if list(state["lines"]) != list(self.lines):
+            raise ValueError(
+                f"the state has lines {list(state['lines'])}, this controller {list(self.lines)}"
+            )
+        self.dense.prepare_resume(state["dense"])
+        for name, line in self.lines.items():
+            births = state["lines"][name]["births"]
+            if line.current is not None or not births:
+                continue
+            replica = self.factory.build()
+            hooks: list[TrainHook] = (
+                [self.pruning.adaptation_pruner(replica.model)] if name == "adaptation" else []
+            )
+            line.install(SparseModel(replica, hooks=hooks, **vars(Birth.from_dict(births[-1]))))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` after ``prepare_resume`` (and loading the replicas); ``run`` goes on."""
+        self.dense.load_state_dict(state["dense"])
+        for name, line in self.lines.items():
+            line.load_state_dict(state["lines"][name])
+        self._early = set(state["early"])
+        self._next = state["next"]
 
     def _result(self) -> D2SResult:
         lines = {}

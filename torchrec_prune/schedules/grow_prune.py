@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.importance.neuron import NeuronTaylor
+from torchrec_prune.importance.state import check_keys, check_shapes
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.metrics.writer import MetricsWriter
 from torchrec_prune.pruners.structured import grow_neurons, neuron_successors, prune_neurons
@@ -186,16 +188,14 @@ class GrowPruneSchedule(BaseHook):
         ]
         self.scorer = NeuronTaylor()
         self.phases: list[PhaseRecord] = []
-        self._position = 0  # stream position of the next batch
-        self._batch_start = 0
+        self._batch_start = 0  # stream position of the current batch
         self._clock: tuple[float, float] | None = None
 
     # --------------------------------------------------------------------------------------------
     def before_batch(self, ctx: StepContext) -> None:
         """Enter the phase this batch belongs to (pruning or growing) and start the step clock."""
         assert ctx.batch is not None
-        self._batch_start = self._position
-        self._position += ctx.batch.labels.numel() * self.world_size
+        self._batch_start = ctx.position
         while len(self.phases) < len(self.bounds) and self._batch_start >= self.bounds[len(self.phases)][0]:
             self._enter(len(self.phases))
         self._clock = (time.perf_counter(), time.process_time())
@@ -213,6 +213,43 @@ class GrowPruneSchedule(BaseHook):
         phase.cpu_seconds += time.process_time() - self._clock[1]
         phase.steps += 1
         self._clock = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Phases entered so far (as plain values, timings included), stream position, the importance
+        gathered for the next sparse phase, and the layers' shapes and phase bounds that give them meaning.
+        The step clock runs only within a step, so it is not part of it."""
+        return {
+            "layers": self._layer_shapes(),
+            "bounds": [list(bound) for bound in self.bounds],
+            "phases": [asdict(phase) for phase in self.phases],
+            "batch_start": self._batch_start,
+            "scorer": self.scorer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore onto a fresh schedule of the same configuration, on a model whose weights and masks
+        are already restored (no prune or grow is replayed).
+
+        Raises:
+            ValueError: a state of other layers, or of another plan or stream length (other phase bounds).
+        """
+        check_keys("GrowPruneSchedule", state, self.state_dict())
+        check_shapes("GrowPruneSchedule", "layers", state["layers"], self._layer_shapes())
+        bounds = [tuple(bound) for bound in state["bounds"]]
+        if bounds != list(self.bounds):
+            raise ValueError(
+                f"GrowPruneSchedule state has phase bounds {bounds}, this schedule {self.bounds}: another "
+                "plan, stream length or batch size"
+            )
+        self.phases = [
+            PhaseRecord(**{**phase, "report": FlopsReport.from_dict(phase["report"])})
+            for phase in state["phases"]
+        ]
+        self._batch_start = state["batch_start"]
+        self.scorer.load_state_dict(state["scorer"])
+
+    def _layer_shapes(self) -> dict[str, list[int]]:
+        return {fqn: list(layer.weight.shape) for fqn, layer in self.layers.items()}
 
     # --------------------------------------------------------------------------------------------
     def _in_importance_window(self) -> bool:

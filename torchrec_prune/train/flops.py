@@ -10,8 +10,9 @@ FLOPs, so it is reported apart as *effective* FLOPs, ``2*nnz(kept weights) + kep
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,11 @@ class FlopsReport:
     """Per-sample FLOPs of every Linear of a model, per layer and in total."""
 
     layers: tuple[LayerFlops, ...]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FlopsReport:
+        """Inverse of ``dataclasses.asdict``: checkpoint states hold reports as plain values."""
+        return cls(tuple(LayerFlops(**layer) for layer in values["layers"]))
 
     @property
     def dense_forward(self) -> int:
@@ -230,6 +236,18 @@ class FlopsMeter:
         for s in self._segments:
             out[s.phase] = out.get(s.phase, FlopsTotals()) + integrate_phases([(s.samples, s.report)])
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The segments as plain values (the per-sample cache is rebuilt from the live masks)."""
+        return {"segments": [asdict(s) for s in self._segments]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"segments"}:
+            raise ValueError(f"FlopsMeter state must have the key 'segments' only, got {sorted(state)}")
+        self._segments = [
+            FlopsSegment(s["phase"], s["samples"], FlopsReport.from_dict(s["report"]))
+            for s in state["segments"]
+        ]
 
 
 def _mask_versions(layer: nn.Linear) -> tuple[int, ...]:

@@ -26,6 +26,9 @@ class StepContext:
         optimizers: every optimizer that owns parameters of the model (mask changes reset their state).
         step: global step index, from 0.
         samples_seen: samples trained on before this batch, summed over all ranks.
+        position: global stream position where the current batch starts, identical on every rank (set
+            from the increment's layout by ``train_increment``; a rank's share of a final uneven batch
+            would make ``samples_seen``-style counts differ across ranks).
         increment: index of the current increment.
         batch: this rank's current batch (already on the device).
         loss: the batch loss (detached).
@@ -37,6 +40,7 @@ class StepContext:
     optimizers: list[torch.optim.Optimizer]
     step: int = 0
     samples_seen: int = 0
+    position: int = 0
     increment: int = 0
     batch: Batch | None = None
     loss: torch.Tensor | None = None

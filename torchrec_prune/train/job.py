@@ -1,12 +1,20 @@
 """The main training job: stream + wrapped DLRM + incremental trainer, in one process or on a torchrun rank.
 
 Everything a run produces lands in its run folder: ``config.json``, ``windows.jsonl``/``windows.csv``
-(one look-ahead window per line), ``summary.json``, ``window_ce.png`` and a DCP ``checkpoint/``.
+(one look-ahead window per line), ``summary.json``, ``window_ce.png``, the final model as a DCP
+``checkpoint/`` (weights and masks) and the full-state run checkpoints ``checkpoints/ckpt-<position>``
+written every ``checkpoint_every`` rows (see ``torchrec_prune.distributed.run_checkpoint``).
+
+With ``resume="auto"`` a job whose run folder holds a complete run checkpoint continues from the newest
+one: same weights, masks, optimizer state, hook state, look-ahead window and stream position, so the
+result equals an uninterrupted run's. That is what makes ``torchrun --max-restarts`` useful: the
+restarted ranks run the same command and pick up where the group stopped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -21,13 +29,27 @@ from torchrec_prune.data import open_stream
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.distributed.checkpoint import save_checkpoint
 from torchrec_prune.distributed.dmp import ShardingConfig, init_distributed, shard
+from torchrec_prune.distributed.run_checkpoint import (
+    CheckpointInfo,
+    RunCheckpointer,
+    check_model,
+    check_world_size,
+)
 from torchrec_prune.masks import wrap
 from torchrec_prune.metrics.writer import MetricsWriter
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
 from torchrec_prune.plots import plot_window_metric
 from torchrec_prune.train.hooks import TrainHook
-from torchrec_prune.train.trainer import IncrementalTrainer, RunResult, TrainConfig
+from torchrec_prune.train.replica import Replica
+from torchrec_prune.train.trainer import IncrementalTrainer, RunResult, TrainConfig, make_optimizer
+
+logger = logging.getLogger(__name__)
+RESUME_MODES = ("auto", "never")
+# Settings that may change between a run and its resumption: they do not alter what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {"train.progress", "resume", "checkpoint", "checkpoint_every", "keep_checkpoints", "run_dir"}
+)
 
 
 @dataclass
@@ -43,6 +65,12 @@ class JobConfig:
         train: loop settings.
         run_dir: where outputs go.
         checkpoint: save a DCP checkpoint at the end.
+        checkpoint_every: write a full-state run checkpoint each time training passes a multiple of this
+            many stream rows (0: never; >= the global batch otherwise).
+        keep_checkpoints: complete run checkpoints kept (>= 1).
+        resume: ``auto`` continues from the newest complete run checkpoint of ``run_dir`` (or starts
+            when there is none); ``never`` starts over (earlier run checkpoints are deleted as new ones
+            are written).
     """
 
     data: str = "synthetic"
@@ -53,6 +81,9 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: str = "runs/train"
     checkpoint: bool = True
+    checkpoint_every: int = 100_000
+    keep_checkpoints: int = 2
+    resume: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rows, int) or self.rows < 0:
@@ -61,6 +92,19 @@ class JobConfig:
             raise ValueError("JobConfig.rows must be >= 1 for the synthetic stream")
         if not self.drift >= 0:
             raise ValueError(f"JobConfig.drift must be >= 0, got {self.drift!r}")
+        every = self.checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"--checkpoint-every must be an integer >= 0 rows (0 = off), got {every!r}")
+        if 0 < every < self.train.batch_size:
+            raise ValueError(
+                f"--checkpoint-every must be 0 (off) or >= --batch-size ({self.train.batch_size}) rows, "
+                f"got {every}"
+            )
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"--keep-checkpoints must be an integer >= 1, got {keep!r}")
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"--resume must be one of {'|'.join(RESUME_MODES)}, got {self.resume!r}")
 
 
 def make_stream(config: JobConfig) -> Stream:
@@ -96,56 +140,197 @@ def sharding_config(train: TrainConfig) -> ShardingConfig:
     )
 
 
-HookFactory = Callable[[torch.nn.Module], Sequence[TrainHook]]
+HookFactory = Callable[[Replica], Sequence[TrainHook]]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(info: CheckpointInfo, config: dict) -> None:
+    """Refuse to resume a run under settings that differ from those it was started with.
+
+    Raises:
+        ValueError: naming the first differing setting and both values.
+    """
+    saved = _flatten(info.manifest.get("config", {}))
+    current = _flatten(json.loads(json.dumps(config)))  # same JSON types as the manifest
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES or saved.get(key) == current.get(key):
+            continue
+        flag = "--" + key.rpartition(".")[2].replace("_", "-")
+        raise ValueError(
+            f"{flag} ({key}) is {current.get(key)!r} on the command line but {saved.get(key)!r} in the run "
+            f"checkpoint {str(info.path)!r}: resume with the run's settings, or start over with "
+            "--resume never (or another --run-dir)"
+        )
+
+
+@dataclass
+class PreparedJob:
+    """A job whose inputs are checked and whose stream is open; nothing has trained yet.
+
+    Attributes:
+        config: the job.
+        stream: its stream.
+        settings: the job's and the command's settings as stored in ``config.json`` and in run checkpoints.
+        resume_from: the run checkpoint the job continues from (``None``: a fresh start).
+    """
+
+    config: JobConfig
+    stream: Stream
+    settings: dict
+    resume_from: CheckpointInfo | None
+
+    @property
+    def checkpointer(self) -> RunCheckpointer:
+        return RunCheckpointer(Path(self.config.run_dir) / "checkpoints", keep=self.config.keep_checkpoints)
+
+
+def prepare_job(
+    config: JobConfig,
+    stream: Stream | None = None,
+    *,
+    extra: dict | None = None,
+    world_size: int = 1,
+    replica: str = "model",
+) -> PreparedJob:
+    """Open the stream and check a resume against the run folder, before anything is built or trained.
+
+    A resume is checked three ways: the checkpoint's model (the replica named ``replica``) has this job's
+    keys and shapes (checked on a ``meta`` model), the settings equal the run's (but for
+    ``RESUMABLE_CHANGES``), and the world size is the one it was written with.
+
+    Raises:
+        CheckpointMismatchError: another model (each differing key with both shapes).
+        ValueError: a conflicting setting (named, with both values) or another world size.
+    """
+    stream = stream or make_stream(config)
+    settings = {**asdict(config), **(extra or {})}
+    prepared = PreparedJob(config, stream, settings, None)
+    if config.resume == "auto":
+        info = prepared.checkpointer.latest()
+        if info is not None:
+            check_model(
+                info, replica, wrap(build_dlrm(model_config_for(stream, config.model), device="meta"))
+            )
+            check_resume_config(info, settings)
+            check_world_size(info, world_size)
+        prepared.resume_from = info
+    return prepared
+
+
+def job_position(trainer: IncrementalTrainer, num_rows: int) -> int:
+    """Global stream position the trainer has fully trained up to."""
+    increment, batches = trainer.resume_position
+    train = trainer.config
+    return min(num_rows, increment * train.increment_rows + batches * train.batch_size * trainer.world_size)
+
+
+def job_device() -> torch.device:
+    """Join the torchrun process group when there is one (``WORLD_SIZE`` > 1); this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_replica(prepared: PreparedJob, device: torch.device) -> Replica:
+    """The job's wrapped DLRM and its optimizers: DMP-sharded (fused table optimizer) under a process
+    group, a plain model with one optimizer otherwise. Seeded by the job, so every start is the same."""
+    config = prepared.config
+    model_config = model_config_for(prepared.stream, config.model)
+    torch.manual_seed(config.seed)
+    if dist.is_initialized():
+        sharded = shard(wrap(build_dlrm(model_config, device="meta")), device, sharding_config(config.train))
+        return Replica(sharded.model, [sharded.optimizer])
+    model = wrap(build_dlrm(model_config, device=device))
+    return Replica(model, [make_optimizer(model.parameters(), config.train)])
 
 
 def run_job(
-    config: JobConfig, hooks: Sequence[TrainHook] | HookFactory = (), stream: Stream | None = None
+    config: JobConfig | PreparedJob,
+    hooks: Sequence[TrainHook] | HookFactory = (),
+    stream: Stream | None = None,
+    *,
+    extra: dict | None = None,
 ) -> RunResult:
     """Train once over the stream and write the run folder (rank 0 writes files).
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank joins the process group, builds the model on ``meta``,
     wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. ``hooks`` may be a
-    function of the built (possibly sharded) model, for pruners that need it.
+    function of the built (possibly sharded) model and its optimizers (a ``Replica``), for pruners and
+    schedules that need them. ``extra``: more settings of the command (e.g. a schedule's), stored with the
+    job's and checked the same way on resume. With a ``PreparedJob`` the checks already ran.
     """
     enable_ftz_daz()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = (
-        init_distributed() if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prepared = (
+        config
+        if isinstance(config, PreparedJob)
+        else prepare_job(config, stream, extra=extra, world_size=world_size)
     )
-    rank = dist.get_rank() if distributed else 0
-    stream = stream or make_stream(config)
-    model_config = model_config_for(stream, config.model)
-    torch.manual_seed(config.seed)
+    config, stream = prepared.config, prepared.stream
+    device = job_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     run_dir = Path(config.run_dir)
-    if distributed:
-        sharded = shard(wrap(build_dlrm(model_config, device="meta")), device, sharding_config(config.train))
-        model, optimizers = sharded.model, [sharded.optimizer]
-    else:
-        model = wrap(build_dlrm(model_config, device=device))
-        optimizers = None
-    writer = None
+    replica = build_replica(prepared, device)
+    checkpointer = prepared.checkpointer
+    manifest = {"config": prepared.settings, "num_rows": stream.num_rows}
+
+    def save(trainer: IncrementalTrainer, final: bool = False) -> None:
+        position = job_position(trainer, stream.num_rows)
+        if position == stream.num_rows and not final:
+            return  # the end of the stream: saved once, after the last window is flushed
+        path = checkpointer.save(position, {"model": replica}, trainer.state_dict(), manifest)
+        logger.info("run checkpoint at row %d: %s", position, path)
+
+    trainer = IncrementalTrainer(
+        replica.model,
+        config.train,
+        optimizers=replica.optimizers,
+        hooks=hooks(replica) if callable(hooks) else hooks,
+        device=device,
+        checkpoint_every=config.checkpoint_every,
+        on_checkpoint=save,
+    )
+    info = prepared.resume_from
+    if config.resume == "never":
+        checkpointer.clear()
+    elif info is not None:
+        started = time.perf_counter()
+        checkpointer.load_replicas(info, {"model": replica})
+        trainer.load_state_dict(checkpointer.load_state(info))
+        trainer.result.resume_seconds = time.perf_counter() - started
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        logger.info(
+            "resumed from %s at row %d of %d (torchrun restarts so far: %s)",
+            info.path,
+            info.position,
+            stream.num_rows,
+            restarts,
+        )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        writer = MetricsWriter(run_dir)
-    trainer = IncrementalTrainer(
-        model,
-        config.train,
-        optimizers=optimizers,
-        hooks=hooks(model) if callable(hooks) else hooks,
-        writer=writer,
-        device=device,
-    )
+        (run_dir / "config.json").write_text(json.dumps(prepared.settings, indent=2))
+        trainer.writer = MetricsWriter(run_dir)
+        trainer.writer.write_all(trainer.result.records)  # a resumed series continues without a gap
     start = time.perf_counter()
     try:
         result = trainer.run(stream)
         result.wall_seconds = time.perf_counter() - start
     finally:
-        if writer is not None:
-            writer.close()
+        if trainer.writer is not None:
+            trainer.writer.close()
+    if config.checkpoint_every:
+        save(trainer, final=True)  # the finished run: a rerun of the command has nothing left to train
     if config.checkpoint:
-        save_checkpoint(model, run_dir / "checkpoint")
+        save_checkpoint(replica.model, run_dir / "checkpoint")
     if rank == 0:
         summary = summarize(result, stream, trainer.model)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -160,6 +345,7 @@ def summarize(result: RunResult, stream: Stream, model: torch.nn.Module) -> dict
     return {
         "samples": result.samples,
         "wall_seconds": result.wall_seconds,
+        "resume_seconds": result.resume_seconds,
         "samples_per_second": result.samples / result.wall_seconds if result.wall_seconds else None,
         "windows": len(records),
         "last_quarter_ce": sum(r.ce for r in tail) / len(tail) if tail else None,

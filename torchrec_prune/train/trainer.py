@@ -2,12 +2,19 @@
 
 The same loop runs in one process and on every torchrun rank under DMP; metrics are all-reduced by
 ``LookAheadWindow``, so the definitions are identical. Pruners and schedules plug in as ``TrainHook``s.
+
+The trainer is ``Stateful``: ``state_dict()`` holds its counters, its position in the stream (increment
+and batches done in it), the open look-ahead window, the FLOPs meter, the closed windows, every hook's
+state and the RNG states. After ``load_state_dict`` (on a model whose weights, masks and optimizer state
+were restored), ``run`` skips what was trained and continues with the next batch, so a resumed run
+trains on exactly the batches an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +27,7 @@ from torchrec_prune.metrics.window import LookAheadWindow, WindowRecord
 from torchrec_prune.metrics.writer import MetricsWriter
 from torchrec_prune.train.flops import FlopsMeter, FlopsTotals
 from torchrec_prune.train.hooks import StepContext, TrainHook
+from torchrec_prune.train.rng import rng_state, set_rng_state
 
 OPTIMIZERS = ("sgd", "adagrad")
 
@@ -77,13 +85,18 @@ def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
 
 @dataclass
 class RunResult:
-    """What a run produced: closed look-ahead windows and the FLOPs integral."""
+    """What a run produced: closed look-ahead windows and the FLOPs integral.
+
+    ``wall_seconds`` covers this process's training (after a resume: since the resume);
+    ``resume_seconds`` the time to load the run checkpoint it resumed from (``None``: fresh start).
+    """
 
     records: list[WindowRecord] = field(default_factory=list)
     samples: int = 0
     steps: int = 0
     flops: FlopsTotals = field(default_factory=FlopsTotals)
     wall_seconds: float = 0.0
+    resume_seconds: float | None = None
 
 
 class IncrementalTrainer:
@@ -99,6 +112,10 @@ class IncrementalTrainer:
         device: where batches are moved.
         forward_fn: ``(model, batch) -> (loss, logits)``.
         process_group: for metric all-reduce (default: the world when initialised).
+        checkpoint_every: call ``on_checkpoint`` each time training passes a multiple of this many global
+            stream positions (0: never). Checkpoints fall between batches, and after ``on_increment_end``
+            when the due batch is the last of an increment, so a resume never replays a hook.
+        on_checkpoint: ``(trainer) -> None``, saves the run (see ``torchrec_prune.train.job``).
 
     Example::
 
@@ -117,7 +134,13 @@ class IncrementalTrainer:
         device: torch.device | str = "cpu",
         forward_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] = default_forward,
         process_group: dist.ProcessGroup | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[IncrementalTrainer], None] | None = None,
     ) -> None:
+        if isinstance(checkpoint_every, bool) or not (
+            isinstance(checkpoint_every, int) and checkpoint_every >= 0
+        ):
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
         self.model = model
         self.config = config
         self.optimizers = (
@@ -133,6 +156,56 @@ class IncrementalTrainer:
         self.rank = dist.get_rank(process_group) if dist.is_initialized() else 0
         self.ctx = StepContext(model=model, optimizers=self.optimizers)
         self.result = RunResult()
+        self.checkpoint_every = checkpoint_every
+        self.on_checkpoint = on_checkpoint
+        self._next_checkpoint = checkpoint_every
+        self._resume_at = (0, 0)  # (increment index, batches of it already trained)
+        self._batches_done = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but model and optimizer tensors needed to continue exactly here (this rank's view)."""
+        return {
+            "step": self.ctx.step,
+            "samples_seen": self.ctx.samples_seen,
+            "increment": self.ctx.increment,
+            "resume_at": self.resume_position,
+            "next_checkpoint": self._next_checkpoint,
+            "window": self.window.state_dict(),
+            "flops": self.flops.state_dict(),
+            "records": [asdict(r) for r in self.result.records],
+            "hooks": [hook.state_dict() for hook in self.hooks],
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; the next ``run`` continues after the last trained batch.
+
+        Raises:
+            ValueError: the state holds another number of hooks than this trainer has.
+        """
+        if len(state["hooks"]) != len(self.hooks):
+            raise ValueError(
+                f"trainer state has {len(state['hooks'])} hook states, this trainer has {len(self.hooks)} "
+                f"hooks ({', '.join(type(h).__name__ for h in self.hooks) or 'none'})"
+            )
+        self.ctx.step = state["step"]
+        self.ctx.samples_seen = state["samples_seen"]
+        self.ctx.increment = state["increment"]
+        self._resume_at = tuple(state["resume_at"])
+        self._next_checkpoint = state["next_checkpoint"]
+        self.window.load_state_dict(state["window"])
+        self.flops.load_state_dict(state["flops"])
+        self.result.records = [WindowRecord(**r) for r in state["records"]]
+        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
+        set_rng_state(state["rng"])
+        self._record([])
+
+    @property
+    def resume_position(self) -> tuple[int, int]:
+        """``(increment index, batches of it trained)``: where a run resumed from this state starts."""
+        return self.ctx.increment, self._batches_done
 
     # ----------------------------------------------------------------------------------------------
     def step(self, batch: Batch) -> list[WindowRecord]:
@@ -158,6 +231,7 @@ class IncrementalTrainer:
         self.flops.add(self.model, global_samples, phase=self.ctx.phase)
         self.ctx.step += 1
         self.ctx.samples_seen += global_samples
+        self.ctx.position += global_samples  # exact positions come from train_increment
         self._record(closed)
         return closed
 
@@ -178,25 +252,54 @@ class IncrementalTrainer:
             closed += self.score(batch)
         return closed
 
-    def train_increment(self, increment: Increment) -> list[WindowRecord]:
-        """Train on every batch of ``increment``, then fire ``on_increment_end``."""
+    def train_increment(self, increment: Increment, *, skip_batches: int = 0) -> list[WindowRecord]:
+        """Train on every batch of ``increment`` (after the first ``skip_batches`` global batches, already
+        trained before a resume), then fire ``on_increment_end``."""
         self.ctx.increment = increment.index
+        global_batch = increment.batch_size * increment.world_size
+        end = increment.start_row + increment.num_rows
+        start = min(end, increment.start_row + skip_batches * global_batch)
+        rest = replace(increment, start_row=start, num_rows=end - start)
+        self._batches_done = skip_batches
         closed: list[WindowRecord] = []
-        for batch in increment.batches():
+        batches = rest.batches()
+        total = rest.num_batches
+        for i, batch in enumerate(batches):
+            self.ctx.position = start + i * global_batch
             closed += self.step(batch)
+            self._batches_done += 1
             if self._bar is not None:
-                self._bar.update(batch.labels.numel() * self.world_size)
+                self._bar.update(min(global_batch, end - self.ctx.position))
                 if closed:
                     self._bar.set_postfix(ce=f"{closed[-1].ce:.4f}", ne=f"{closed[-1].ne:.3f}")
+            if i + 1 < total:
+                self._maybe_checkpoint(start + (i + 1) * global_batch)
         for hook in self.hooks:
             hook.on_increment_end(self.ctx)
+        self.ctx.increment, self._batches_done = increment.index + 1, 0
+        self._maybe_checkpoint(end)
         return closed
+
+    def _maybe_checkpoint(self, position: int) -> None:
+        if not self.checkpoint_every or position < self._next_checkpoint:
+            return
+        while self._next_checkpoint <= position:
+            self._next_checkpoint += self.checkpoint_every
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self)
 
     def run(self, stream: Stream) -> RunResult:
         """One pass over ``stream``, in increments."""
         show = self.config.progress and self.rank == 0
+        first, skip = self._resume_at
+        done = min(stream.num_rows, first * self.config.increment_rows)
         self._bar = tqdm(
-            total=stream.num_rows, unit="rows", desc="train", disable=not show, dynamic_ncols=True
+            total=stream.num_rows,
+            initial=done,
+            unit="rows",
+            desc="train",
+            disable=not show,
+            dynamic_ncols=True,
         )
         try:
             for increment in iter_increments(
@@ -206,7 +309,8 @@ class IncrementalTrainer:
                 rank=self.rank,
                 world_size=self.world_size,
             ):
-                self.train_increment(increment)
+                if increment.index >= first:
+                    self.train_increment(increment, skip_batches=skip if increment.index == first else 0)
             last = self.window.flush()
             if last is not None:
                 self._record([last])

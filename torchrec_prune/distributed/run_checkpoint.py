@@ -1,0 +1,319 @@
+"""Full-state run checkpoints: everything a killed job needs to continue exactly where it was.
+
+One checkpoint, written with ``torch.distributed.checkpoint`` (DCP) by every rank together, holds:
+
+- for each named ``Replica`` (a model and its optimizers; D2S has several): the model's state dict
+  (sharded tables, dense weights, every mask), the dense optimizers' state keyed by parameter FQN, and
+  under DMP the fused table optimizer's state (``model.fused_optimizer``, sharded like the tables);
+- each rank's own run state, one pickled blob per rank (trainer counters and stream position, open
+  look-ahead window, pruner and schedule state, RNG states): tensors and plain values, small;
+- ``manifest.json``: position in the stream, world size, the job's configuration, a format version.
+
+A checkpoint is complete or invisible: it is written into ``.tmp-ckpt-<position>`` and renamed to
+``ckpt-<position>`` (one atomic ``rename`` on the shared file system) by rank 0 after DCP's coordinator
+wrote ``.metadata``; the manifest is written before the rename. A job killed during a save leaves only a
+``.tmp-`` folder, which is never loaded and is removed by the next save. The last ``keep`` complete
+checkpoints are kept.
+
+Model and optimizer tensors are stored by global key and shape, so they reshard to another world size;
+the per-rank blobs (stream offsets, each rank's part of the open window) do not, so a full-state resume
+needs the world size it was written with (``CheckpointWorldSizeError`` says so and what to do instead).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from torchrec_prune.distributed.checkpoint import (
+    CheckpointMismatchError,
+    KeyMismatch,
+    _describe_saved,
+    _describe_tensor,
+    _single_process_is_intended,
+)
+from torchrec_prune.train.replica import Replica
+
+FORMAT = "torchrec_prune.run_checkpoint/1"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^ckpt-(\d{12})$")
+_TMP_PREFIX = ".tmp-ckpt-"
+
+
+class CheckpointWorldSizeError(ValueError):
+    """A full-state checkpoint was written by another number of ranks than this run has."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint on disk: its folder, stream position and manifest."""
+
+    path: Path
+    position: int
+    manifest: dict[str, Any]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """``id(param) -> FQN`` of what ``optimizer`` trains (TorchRec's keyed optimizers know their names)."""
+    keyed = getattr(optimizer, "params", None)
+    if isinstance(keyed, Mapping):
+        return {id(p): name for name, p in keyed.items()}
+    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensor state as ``{"<param FQN>/<state key>": tensor}``.
+
+    Keys by FQN (not by position, as ``torch.optim`` does) make the state independent of parameter
+    order and let DCP deduplicate replicated dense parameters across ranks.
+    """
+    names = _param_names(model, optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{names[id(param)]}/{key}"] = value
+    return out
+
+
+def _replica_state(name: str, replica: Replica) -> dict[str, Any]:
+    state: dict[str, Any] = {f"{name}.model": replica.model.state_dict()}
+    for i, optimizer in enumerate(replica.optimizers):
+        state[f"{name}.optim{i}"] = _optimizer_tensors(replica.model, optimizer)
+    fused = getattr(replica.model, "fused_optimizer", None)
+    if fused is not None:
+        state[f"{name}.fused"] = fused.state_dict()["state"]
+    return state
+
+
+class RunCheckpointer:
+    """Save and find full-state checkpoints of one run folder.
+
+    Args:
+        root: the folder that holds ``ckpt-<position>`` checkpoints (e.g. ``RUN/checkpoints``); on a
+            multi-node job it must be on a file system every node sees.
+        keep: complete checkpoints to keep (>= 1); older ones are deleted after each save.
+
+    Example::
+
+        ckpt = RunCheckpointer("runs/x/checkpoints", keep=2)
+        ckpt.save(position, {"model": Replica(model, [optimizer])}, trainer.state_dict(), manifest)
+        info = ckpt.latest()
+        if info is not None:
+            ckpt.load_replicas(info, {"model": Replica(model, [optimizer])})
+            trainer.load_state_dict(ckpt.load_state(info))
+    """
+
+    def __init__(self, root: str | os.PathLike, *, keep: int = 2) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        self.root = Path(root)
+        self.keep = keep
+
+    # ---------------------------------------------------------------------------------------------
+    def complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first (``.tmp-`` folders and folders without a manifest skipped)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _NAME.match(path.name)
+            manifest = path / MANIFEST
+            if match and manifest.is_file() and (path / ".metadata").is_file():
+                found.append(CheckpointInfo(path, int(match.group(1)), json.loads(manifest.read_text())))
+        return sorted(found, key=lambda info: info.position)
+
+    def clear(self) -> None:
+        """Delete every checkpoint of this folder, complete or not (a run that starts over); collective."""
+        if _world()[1] == 0 and self.root.is_dir():
+            for path in self.root.iterdir():
+                if _NAME.match(path.name) or path.name.startswith(_TMP_PREFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest complete checkpoint, or ``None``."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    # ---------------------------------------------------------------------------------------------
+    def save(
+        self,
+        position: int,
+        replicas: Mapping[str, Replica],
+        state: Mapping[str, Any],
+        manifest: Mapping[str, Any],
+    ) -> Path:
+        """Write one checkpoint at stream ``position``; every rank calls it (collective).
+
+        Args:
+            position: global stream position the run has fully trained up to.
+            replicas: models and their optimizers, by name.
+            state: this rank's run state (``Stateful.state_dict()`` values), pickled as one blob.
+            manifest: JSON-able description of the job (configuration, world size, ...).
+
+        Returns:
+            the folder of the new checkpoint.
+        """
+        world, rank = _world()
+        final = self.root / f"ckpt-{position:012d}"
+        tmp = self.root / f"{_TMP_PREFIX}{position:012d}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{_TMP_PREFIX}*"):  # cut short by an earlier kill
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        blob = io.BytesIO()
+        torch.save(dict(state), blob)
+        tensors: dict[str, Any] = {f"rank{rank}": blob.getvalue()}
+        for name, replica in replicas.items():
+            tensors.update(_replica_state(name, replica))
+        with _single_process_is_intended():
+            dcp.save(tensors, checkpoint_id=tmp)
+        if rank == 0:
+            body = {"format": FORMAT, "position": position, "world_size": world, **manifest}
+            body["replicas"] = sorted(replicas)
+            (tmp / MANIFEST).write_text(json.dumps(body, indent=2))
+            _fsync_dir(tmp)
+            if final.exists():  # the same position saved again (the end of a run): swap, then delete
+                final.rename(self.root / f"{_TMP_PREFIX}old-{position:012d}")
+            tmp.rename(final)
+            _fsync_dir(self.root)
+            for stale in self.root.glob(f"{_TMP_PREFIX}old-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old.path, ignore_errors=True)
+        _barrier()
+        return final
+
+    # ---------------------------------------------------------------------------------------------
+    def load_state(self, info: CheckpointInfo) -> dict[str, Any]:
+        """This rank's run state from ``info`` (collective).
+
+        Raises:
+            CheckpointWorldSizeError: the checkpoint was written by another number of ranks.
+        """
+        world, rank = _world()
+        check_world_size(info, world)
+        holder: dict[str, Any] = {f"rank{rank}": b""}
+        with _single_process_is_intended():
+            dcp.load(holder, checkpoint_id=info.path)
+        return torch.load(io.BytesIO(holder[f"rank{rank}"]), weights_only=False)
+
+    def load_replicas(self, info: CheckpointInfo, replicas: Mapping[str, Replica]) -> None:
+        """Load models, masks and optimizer state of ``replicas`` from ``info`` in place (collective).
+
+        Optimizer state that a fresh optimizer creates lazily (SGD momentum) is allocated from the
+        checkpoint's shapes before loading.
+
+        Raises:
+            CheckpointMismatchError: a model key or shape differs (each named, with both shapes).
+        """
+        metadata = dcp.FileSystemReader(str(info.path)).read_metadata()
+        missing = sorted(set(replicas) - set(info.manifest.get("replicas", [])))
+        if missing:
+            raise ValueError(
+                f"checkpoint {str(info.path)!r} holds models {info.manifest.get('replicas')}, not {missing}"
+            )
+        for name, replica in replicas.items():
+            check_model(info, name, replica.model, metadata)
+            for i, optimizer in enumerate(replica.optimizers):
+                _allocate_lazy_state(metadata, f"{name}.optim{i}", replica.model, optimizer)
+        state: dict[str, Any] = {}
+        for name, replica in replicas.items():
+            state.update(_replica_state(name, replica))
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=info.path)
+        for name, replica in replicas.items():
+            # DCP fills tensors in place; loading them back lets TorchRec's sharded modules see it.
+            replica.model.load_state_dict(state[f"{name}.model"])
+            fused = getattr(replica.model, "fused_optimizer", None)
+            if fused is not None:
+                fused.load_state_dict({**fused.state_dict(), "state": state[f"{name}.fused"]})
+
+
+def check_world_size(info: CheckpointInfo, world_size: int) -> None:
+    """Raise ``CheckpointWorldSizeError`` unless ``info`` was written by ``world_size`` ranks."""
+    saved = int(info.manifest["world_size"])
+    if saved != world_size:
+        raise CheckpointWorldSizeError(
+            f"run checkpoint {str(info.path)!r} was written by {saved} rank(s), this run has {world_size}: "
+            "each rank's stream offset and its part of the open look-ahead window cannot be split "
+            "differently, so a full-state resume needs the same world size (model and optimizer tensors do "
+            "reshard: start a new run from them with `prune --checkpoint` or `load_checkpoint`)"
+        )
+
+
+def check_model(info: CheckpointInfo, name: str, model: nn.Module, metadata: Metadata | None = None) -> None:
+    """Raise unless replica ``name`` of the checkpoint has exactly ``model``'s state-dict keys and shapes.
+
+    ``model`` may live on ``meta`` (and be unsharded: DMP's state dict has the same keys and global
+    shapes), so a command checks a checkpoint before it builds anything real.
+
+    Raises:
+        CheckpointMismatchError: naming each differing key with both shapes.
+    """
+    metadata = metadata or dcp.FileSystemReader(str(info.path)).read_metadata()
+    prefix = f"{name}.model."
+    saved = {
+        key[len(prefix) :]: meta
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+    live = model.state_dict()
+    mismatches = []
+    for key in sorted(set(saved) | set(live)):
+        ckpt = _describe_saved(saved[key]) if key in saved else None
+        mine = _describe_tensor(live[key]) if key in live else None
+        if ckpt != mine:
+            mismatches.append(KeyMismatch(key=key, checkpoint=ckpt, model=mine))
+    if mismatches:
+        raise CheckpointMismatchError(str(info.path), mismatches)
+
+
+def _allocate_lazy_state(
+    metadata: Metadata, prefix: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    names = _param_names(model, optimizer)
+    params = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not key.startswith(prefix + ".") or not isinstance(meta, TensorStorageMetadata):
+            continue
+        fqn, _, state_key = key[len(prefix) + 1 :].rpartition("/")
+        param = params.get(fqn)
+        if param is not None and state_key not in optimizer.state[param]:
+            optimizer.state[param][state_key] = torch.empty(
+                tuple(meta.size), dtype=meta.properties.dtype, device=param.device
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,189 @@
+"""The training paradigms as jobs with a run folder: what ``torchrec-prune grow-prune`` and ``d2s`` run.
+
+Both run in one process or on every torchrun rank under DMP, write a run folder, and checkpoint and
+resume through the same ``RunCheckpointer``:
+
+- grow/prune is ``torchrec_prune.train.job.run_job`` with the schedule as a hook; the schedule's state
+  (phases entered, importance sums) is part of every run checkpoint, which falls between batches.
+- D2S interleaves its dense job, pruning jobs and serving lines per increment, each data-parallel over
+  all ranks (so every job sees the whole increment and every decision is the same on every rank, with no
+  idle process subgroup); its checkpoints fall between increments and hold every live model (dense,
+  the snapshots still needed, each line's serving model) with its optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from torchrec_prune.distributed.checkpoint import save_checkpoint
+from torchrec_prune.models import build_dlrm
+from torchrec_prune.numerics import enable_ftz_daz
+from torchrec_prune.schedules.d2s import D2SConfig, D2SController, D2SResult
+from torchrec_prune.schedules.grow_prune import GrowPruneConfig, GrowPruneSchedule
+from torchrec_prune.schedules.report import d2s_rows, format_table, plot_relative_ce
+from torchrec_prune.train.job import (
+    PreparedJob,
+    build_replica,
+    job_device,
+    model_config_for,
+    run_job,
+    sharding_config,
+    summarize_line,
+)
+from torchrec_prune.train.replica import DMPReplicaFactory, LocalReplicaFactory, Replica, ReplicaFactory
+from torchrec_prune.train.rng import rng_state, set_rng_state
+from torchrec_prune.train.trainer import make_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def run_grow_prune_job(prepared: PreparedJob, config: GrowPruneConfig) -> str:
+    """Train the prepared job under ``config``'s phase plan; rank 0 writes ``phases.json``.
+
+    Returns:
+        one line for the console: samples, phases, FLOPs saving vs dense, last window.
+
+    Example::
+
+        prepared = prepare_job(JobConfig(rows=100_000, run_dir="runs/gp"))
+        print(run_grow_prune_job(prepared, GrowPruneConfig(scheme("alternate"), beta=0.7)))
+    """
+    schedules: list[GrowPruneSchedule] = []
+
+    def hooks(replica: Replica) -> list[GrowPruneSchedule]:
+        schedule = GrowPruneSchedule(
+            replica.model,
+            config,
+            replica.optimizers,
+            num_rows=prepared.stream.num_rows,
+            train=prepared.config.train,
+            world_size=dist.get_world_size() if dist.is_initialized() else 1,
+        )
+        schedules.append(schedule)
+        return [schedule]
+
+    result = run_job(prepared, hooks)
+    (schedule,) = schedules
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        phases = [phase.summary() for phase in schedule.phases]
+        out = {"plan": config.plan.name, "beta": config.beta, "phases": phases}
+        (Path(prepared.config.run_dir) / "phases.json").write_text(json.dumps(out, indent=2))
+    saving = result.flops.saving
+    return (
+        f"{config.plan.name} (beta {config.beta:g}): {len(schedule.phases)} phases, training FLOPs "
+        f"{-saving:+.1%} vs dense; " + summarize_line(result, prepared.config.run_dir)
+    )
+
+
+def d2s_summary(result: D2SResult) -> dict:
+    """Headline figures of a D2S run: every line against the dense model on the same samples."""
+    rows = {row.name: asdict(row) for row in d2s_rows(result)}
+    lines = {
+        name: {
+            **rows[name],
+            "births": line.births,
+            "sources": line.sources,
+            "sparsity": line.sparsity,
+            "max_age": line.max_age,
+            "windows": len(line.records),
+        }
+        for name, line in result.lines.items()
+    }
+    return {"warmup_rows": result.warmup_rows, "dense_windows": len(result.dense), "lines": lines}
+
+
+def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
+    """Run D2S on the prepared job; rank 0 writes the run folder.
+
+    The run folder holds ``dense/`` and one folder per line (``windows.jsonl``/``.csv``), ``summary.json``,
+    ``relative_ce.png``, the dense model as ``checkpoint/`` and the serving model of the first line as
+    ``serving_checkpoint/``, and the run checkpoints, written at the first increment end after every
+    ``checkpoint_every`` rows. Prepare with ``prepare_job(..., replica="dense")``.
+
+    Returns:
+        the comparison table (every line against dense after the warm-up) and one summary line.
+
+    Example::
+
+        prepared = prepare_job(JobConfig(rows=200_000, run_dir="runs/d2s"), replica="dense")
+        print(run_d2s_job(prepared, D2SConfig(r=4, p=2)))
+    """
+    enable_ftz_daz()
+    job, stream = prepared.config, prepared.stream
+    device = job_device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    factory: ReplicaFactory
+    if dist.is_initialized():  # every replica sharded with the dense model's plan
+        model_config = model_config_for(stream, job.model)
+        factory = DMPReplicaFactory(
+            lambda: build_dlrm(model_config, device="meta"), device, sharding_config(job.train)
+        )
+        torch.manual_seed(job.seed)
+        dense = factory.build()
+    else:
+        dense = build_replica(prepared, device)
+        factory = LocalReplicaFactory(dense.model, lambda m: [make_optimizer(m.parameters(), job.train)])
+    controller = D2SController(dense, stream, job.train, config, factory=factory, device=device)
+    checkpointer = prepared.checkpointer
+    manifest = {"config": prepared.settings, "num_rows": stream.num_rows}
+    increment_rows, every = job.train.increment_rows, job.checkpoint_every
+
+    def save(position: int) -> None:
+        state = {"d2s": controller.state_dict(), "rng": rng_state()}
+        path = checkpointer.save(position, controller.replicas(), state, manifest)
+        logger.info("run checkpoint at row %d: %s", position, path)
+
+    def on_increment_end(k: int) -> None:
+        before, after = k * increment_rows, min(stream.num_rows, (k + 1) * increment_rows)
+        if every and after < stream.num_rows and after // every > before // every:
+            save(after)
+
+    info = prepared.resume_from
+    if job.resume == "never":
+        checkpointer.clear()
+    elif info is not None:
+        started = time.perf_counter()
+        state = checkpointer.load_state(info)
+        controller.prepare_resume(state["d2s"])
+        checkpointer.load_replicas(info, controller.replicas())
+        controller.load_state_dict(state["d2s"])
+        set_rng_state(state["rng"])
+        logger.info(
+            "resumed from %s at row %d of %d in %.2f s (torchrun restarts so far: %s)",
+            info.path,
+            info.position,
+            stream.num_rows,
+            time.perf_counter() - started,
+            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+        )
+    result = controller.run(on_increment_end)
+    if every:
+        save(stream.num_rows)
+    run_dir = Path(job.run_dir)
+    if job.checkpoint:
+        save_checkpoint(controller.dense.replica.model, run_dir / "checkpoint")
+        first = controller.lines[config.lines[0]].current
+        if first is not None:
+            save_checkpoint(first.replica.model, run_dir / "serving_checkpoint")
+    table = format_table(d2s_rows(result))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(prepared.settings, indent=2))
+        result.write(run_dir)
+        summary = d2s_summary(result)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        runs = {name: line.records for name, line in result.lines.items()}
+        plot_relative_ce(runs, result.dense, run_dir / "relative_ce.png", title="D2S serving vs dense")
+    main = result.lines[config.lines[0]]
+    return (
+        f"{table}\nd2s: {len(main.births)} sparse models served on line {main.name!r}, oldest "
+        f"{main.max_age} increments; outputs in {run_dir}"
+    )
