@@ -3,7 +3,8 @@
 #
 #   NNODES=2 NPROC=8 RDZV=head-host:29400 RUN_ID=gp1 launch/multinode.sh grow-prune --run-dir /shared/gp1
 #
-# Start it on each node with the same settings. A lost rank makes torchrun restart the whole group (up to
+# Start it on each node with the same settings. ("--" ends torchrun's options: without it torchrun reads
+# command flags such as d2s's --r as abbreviations of its own --rdzv-*.) A lost rank makes torchrun restart the whole group (up to
 # MAX_RESTARTS times); the command then resumes from the newest complete run checkpoint in --run-dir,
 # which must be on a file system every node sees. LOCAL_ADDR is the address this node is reached at
 # (default: loopback, for several agents on one machine).
@@ -17,4 +18,4 @@ exec "${PYTHON:-python}" -m torch.distributed.run \
     --rdzv-id "${RUN_ID:-torchrec-prune}" \
     --max-restarts "${MAX_RESTARTS:-1}" \
     --local-addr "${LOCAL_ADDR:-127.0.0.1}" \
-    "$here/torchrun_command.py" "$@"
+    -- "$here/torchrun_command.py" "$@"

@@ -233,7 +233,8 @@ def _relaunch_under_torchrun(nproc: int, max_restarts: int, argv: Sequence[str])
     """Re-run this command as ``nproc`` torchrun ranks on this machine (loopback rendezvous)."""
     rest = [a for i, a in enumerate(argv) if not _is_flag(argv, i, ("--nproc", "--max-restarts"))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [f"--max-restarts={max_restarts}", "-m", "torchrec_prune.cli", *rest]
+    # "--" ends torchrun's own options: it would read "--r" as an abbreviation of "--rdzv-*"
+    cmd += [f"--max-restarts={max_restarts}", "-m", "--", "torchrec_prune.cli", *rest]
     return subprocess.call(cmd)
 
 
