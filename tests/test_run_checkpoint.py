@@ -210,3 +210,25 @@ def test_cli_refuses_a_conflicting_resume_and_leaves_the_run_folder_untouched(
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, tmp_path):
+    from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job
+
+    job = _job(tmp_path / "prune")
+    config = PruneJobConfig(str(reference), job, PruneConfig("mp", sparsity=0.5, prune_rows=1000), 0)
+    prepared = prepare_prune_job(config)  # a run folder: its newest complete run checkpoint
+    info = RunCheckpointer(reference / "checkpoints").latest()
+    exact = Replica(tp.wrap(build_dlrm(TINY)), [])
+    exact.optimizers.append(torch.optim.Adagrad(exact.model.parameters(), lr=0.05))
+    RunCheckpointer(reference / "checkpoints").load_replicas(info, {"model": exact})
+    mine = dict(prepared.model.named_parameters())
+    for name, param in exact.model.named_parameters():
+        assert torch.equal(mine[name], param)
+        assert torch.equal(
+            prepared.optimizer.state[mine[name]]["sum"], exact.optimizers[0].state[param]["sum"]
+        )
+    assert any(bool((prepared.optimizer.state[p]["sum"] > 0).any()) for p in mine.values())
+    with pytest.raises(ValueError, match="--optimizer is 'sgd' but the run checkpoint"):
+        sgd = JobConfig(**{**job.__dict__, "train": TrainConfig(optimizer="sgd", progress=False)})
+        prepare_prune_job(PruneJobConfig(str(info.path), sgd, config.prune, 0))

@@ -209,3 +209,22 @@ def test_a_killed_job_started_again_ends_as_if_uninterrupted(two_nodes, tmp_path
     resumed = _resumed_positions(log.read_text())
     assert len(resumed) == 2 and min(resumed) >= position
     _assert_same_run(tmp_path, two_nodes)
+
+
+def test_a_two_rank_run_checkpoint_loads_into_one_process_with_its_optimizer_state(two_nodes):
+    from torchrec_prune.distributed.run_checkpoint import load_into_one_process
+    from torchrec_prune.train.replica import Replica
+
+    model = tp.wrap(build_dlrm(TINY))
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    info = RunCheckpointer(two_nodes / "checkpoints").latest()
+    missing = load_into_one_process(info, "model", Replica(model, [optimizer]))
+    final = _final_model(two_nodes)
+    assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
+    # Tables trained with DMP's fused Adagrad: their accumulators come from it; only Adagrad's step
+    # counters of the tables (unused without lr decay) have no counterpart.
+    tables = [n for n, _ in model.named_parameters() if ".embedding_bags." in n]
+    assert sorted(missing) == sorted(f"{n}/step" for n in tables)
+    sums = {n: optimizer.state[p]["sum"] for n, p in model.named_parameters()}
+    assert all(bool((sums[n] > 0).any()) for n in tables)
+    assert all(bool((sums[n] > 0).any()) for n in sums if n not in tables)

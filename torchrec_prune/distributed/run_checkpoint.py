@@ -317,3 +317,66 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def find_run_checkpoint(path: str | os.PathLike) -> CheckpointInfo | None:
+    """The run checkpoint ``path`` names: a ``ckpt-<position>`` folder, or a run folder (its newest
+    complete run checkpoint); ``None`` when ``path`` is neither (e.g. a weights-only DCP checkpoint).
+
+    Raises:
+        FileNotFoundError: a run folder without a complete run checkpoint.
+    """
+    path = Path(path)
+    if _NAME.match(path.name) and path.is_dir():
+        for info in RunCheckpointer(path.parent).complete():
+            if info.path == path:
+                return info
+        raise FileNotFoundError(f"run checkpoint {str(path)!r} is incomplete (cut short while it was saved)")
+    if (path / "checkpoints").is_dir():
+        info = RunCheckpointer(path / "checkpoints").latest()
+        if info is None:
+            raise FileNotFoundError(f"run folder {str(path)!r} holds no complete run checkpoint")
+        return info
+    return None
+
+
+def load_into_one_process(info: CheckpointInfo, name: str, replica: Replica) -> list[str]:
+    """Load replica ``name`` of a run checkpoint written by any number of ranks into a one-process model
+    and its optimizers (a new job that starts from a trained run, e.g. ``prune``).
+
+    Model tensors reshard by global key. Optimizer state comes from the dense optimizer's entries or, for
+    tables trained by DMP's fused Adagrad, from its per-element accumulator (``momentum1``), which is
+    the ``sum`` of ``torch.optim.Adagrad``.
+
+    Returns:
+        ``<param FQN>/<state key>`` of the optimizer state the checkpoint lacks (left as initialised).
+
+    Raises:
+        CheckpointMismatchError: another model (each differing key with both shapes).
+    """
+    metadata = dcp.FileSystemReader(str(info.path)).read_metadata()
+    check_model(info, name, replica.model, metadata)
+    saved = metadata.state_dict_metadata
+    state: dict[str, Any] = {f"{name}.model": replica.model.state_dict()}
+    missing: list[str] = []
+    for i, optimizer in enumerate(replica.optimizers):
+        _allocate_lazy_state(metadata, f"{name}.optim{i}", replica.model, optimizer)
+        names = _param_names(replica.model, optimizer)
+        for param, values in optimizer.state.items():
+            fqn = names[id(param)]
+            for key, value in values.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                table = fqn.rsplit(".", 2)[-2] if fqn.endswith(".weight") else ""
+                candidates = [f"{name}.optim{i}.{fqn}/{key}"]
+                if key == "sum":
+                    candidates.append(f"{name}.fused.{fqn}.{table}.momentum1")
+                found = next((c for c in candidates if c in saved), None)
+                if found is None:
+                    missing.append(f"{fqn}/{key}")
+                else:
+                    state[found] = value
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=info.path)
+    replica.model.load_state_dict(state[f"{name}.model"])
+    return missing

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,11 @@ from torchrec_prune.distributed.checkpoint import (
     load_checkpoint,
     read_metadata,
     save_checkpoint,
+)
+from torchrec_prune.distributed.run_checkpoint import (
+    CheckpointInfo,
+    find_run_checkpoint,
+    load_into_one_process,
 )
 from torchrec_prune.importance.weight import check_weights
 from torchrec_prune.masks import wrap
@@ -50,8 +56,10 @@ from torchrec_prune.pruners.structured import NeuronPruner, StructuredConfig, ch
 from torchrec_prune.pruners.targets import Targets
 from torchrec_prune.train.flops import FlopsTotals
 from torchrec_prune.train.job import JobConfig, make_stream, model_config_for
+from torchrec_prune.train.replica import Replica
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, make_optimizer
 
+logger = logging.getLogger(__name__)
 METHODS = ("aux", "mp", "tp", "mop", "taylor-neuron")
 
 
@@ -416,20 +424,16 @@ class PruneJobConfig:
 
 @dataclass
 class PreparedPruneJob:
-    """A prune job whose stream is open and whose model holds the checkpoint: nothing has trained yet."""
+    """A prune job whose stream is open and whose model holds the checkpoint: nothing has trained yet.
+
+    ``optimizer`` holds the trained optimizer state when the checkpoint is a run checkpoint (``None``: a
+    weights-only checkpoint, the job starts a fresh optimizer).
+    """
 
     config: PruneJobConfig
     stream: Stream
     model: nn.Module
-
-
-def _one_line(error: CheckpointMismatchError, shown: int = 3) -> str:
-    details = [m.describe() for m in error.mismatches]
-    more = f"; and {len(details) - shown} more" if len(details) > shown else ""
-    return (
-        f"checkpoint {error.path!r} does not match the model ({len(details)} differences; are the model "
-        f"and stream flags those it was trained with?): {'; '.join(details[:shown])}{more}"
-    )
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
@@ -440,7 +444,9 @@ def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
         ValueError: the rows do not fit the stream, or the checkpoint's keys or shapes differ from the
             model's (one line naming the first differences).
     """
-    read_metadata(config.checkpoint)  # a missing checkpoint fails before the stream is read
+    run_checkpoint = find_run_checkpoint(config.checkpoint)
+    if run_checkpoint is None:
+        read_metadata(config.checkpoint)  # a missing checkpoint fails before the stream is read
     stream = make_stream(config.job)
     prune_stop = config.start_row + config.prune.prune_rows
     if prune_stop > stream.num_rows:
@@ -450,10 +456,31 @@ def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
     torch.manual_seed(config.job.seed)
     model = wrap(build_dlrm(model_config_for(stream, config.job.model)))
     try:
-        load_checkpoint(model, config.checkpoint)
+        if run_checkpoint is None:
+            load_checkpoint(model, config.checkpoint)
+            return PreparedPruneJob(config, stream, model)
+        return _from_run_checkpoint(config, stream, model, run_checkpoint)
     except CheckpointMismatchError as e:
-        raise ValueError(_one_line(e)) from e
-    return PreparedPruneJob(config, stream, model)
+        raise ValueError(e.one_line()) from e
+
+
+def _from_run_checkpoint(
+    config: PruneJobConfig, stream: Stream, model: nn.Module, info: CheckpointInfo
+) -> PreparedPruneJob:
+    """Weights, masks and optimizer state of the trained model of a run checkpoint (``train``,
+    ``grow-prune``: ``model``; ``d2s``: its dense model), written by any number of ranks."""
+    saved = info.manifest.get("config", {}).get("train", {}).get("optimizer")
+    if saved != config.job.train.optimizer:
+        raise ValueError(
+            f"--optimizer is {config.job.train.optimizer!r} but the run checkpoint {str(info.path)!r} "
+            f"trained with {saved!r}: its optimizer state would not apply"
+        )
+    name = "model" if "model" in info.manifest.get("replicas", []) else "dense"
+    optimizer = make_optimizer(model.parameters(), config.job.train)
+    missing = load_into_one_process(info, name, Replica(model, [optimizer]))
+    if missing:
+        logger.info("optimizer state not in %s, left fresh: %s", info.path, ", ".join(missing))
+    return PreparedPruneJob(config, stream, model, optimizer)
 
 
 def write_sparsity_csv(rows: Sequence[LayerSparsity], path: str | Path) -> None:
@@ -483,6 +510,7 @@ def run_prune_job(prepared: PreparedPruneJob) -> tuple[PruneResult, str]:
             config.job.train,
             config.prune,
             start_row=config.start_row,
+            optimizers=None if prepared.optimizer is None else [prepared.optimizer],
             writer=writer,
             desc=config.prune.label,
         )
