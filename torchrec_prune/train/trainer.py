@@ -265,11 +265,11 @@ class IncrementalTrainer:
         batches = rest.batches()
         total = rest.num_batches
         for i, batch in enumerate(batches):
-            self.ctx.position = start + i * global_batch
+            batch_start = self.ctx.position = start + i * global_batch
             closed += self.step(batch)
             self._batches_done += 1
             if self._bar is not None:
-                self._bar.update(min(global_batch, end - self.ctx.position))
+                self._bar.update(min(global_batch, end - batch_start))
                 if closed:
                     self._bar.set_postfix(ce=f"{closed[-1].ce:.4f}", ne=f"{closed[-1].ne:.3f}")
             if i + 1 < total:
