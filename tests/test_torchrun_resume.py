@@ -66,10 +66,7 @@ class Agents:
 
     def stop(self) -> None:
         for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)
             proc.wait()
 
 
@@ -109,6 +106,20 @@ def _wait_for_checkpoint(run_dir: Path, count: int, proc: subprocess.Popen, time
 def _resumed_positions(log: str) -> list[int]:
     """Stream positions of the checkpoints that ranks logged they resumed from."""
     return [int(line.split("ckpt-")[1][:12]) for line in log.splitlines() if "resumed from" in line]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun starts each rank in a session of its own, so
+    killing the agent's process group would leave the ranks running)."""
+    tree, frontier = [pid], [pid]
+    while frontier:  # collect first: a killed parent's children are re-parented and lost from view
+        frontier = [child for parent in frontier for child in _children(parent)]
+        tree += frontier
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int) -> list[int]:
@@ -202,7 +213,7 @@ def test_a_killed_job_started_again_ends_as_if_uninterrupted(two_nodes, tmp_path
     log = tmp_path / "torchrun.log"
     proc = agents.start(_standalone(tmp_path, max_restarts=0), log)
     position = _wait_for_checkpoint(tmp_path, 2, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks
+    kill_tree(proc.pid)  # the agent and both ranks, as when the machine is lost
     proc.wait()
     again = agents.start(_standalone(tmp_path, max_restarts=0), log)
     agents.wait(again, log)
