@@ -1,3 +1,5 @@
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,30 @@ def pruner_step(model, pruner, ctx, x: torch.Tensor, y: torch.Tensor) -> float:
     ctx.step += 1
     ctx.samples_seen += len(y)
     return float(loss.detach())
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun starts each rank in a session of its own, so
+    killing the agent's process group would leave the ranks running)."""
+    tree, frontier = [pid], [pid]
+    while frontier:  # collect first: a killed parent's children are re-parented and lost from view
+        frontier = [child for parent in frontier for child in children(parent)]
+        tree += frontier
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, kill_tree
 
 from torchrec_prune.cli import main
 from torchrec_prune.distributed.run_checkpoint import RunCheckpointer
@@ -26,10 +26,24 @@ ENV = {
 
 
 def _d2s(run_dir: Path) -> str:
+    """Run the command as 2 local torchrun ranks; whatever happens, no process of it outlives the call."""
     cmd = [sys.executable, "-m", "torchrec_prune.cli", *ARGS, "--nproc", "2", "--run-dir", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    assert proc.returncode == 0, out[-4000:]
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port
+from conftest import REPO, children, free_port, kill_tree
 
 import torchrec_prune as tp
 from torchrec_prune.distributed.checkpoint import load_checkpoint
@@ -108,32 +108,6 @@ def _resumed_positions(log: str) -> list[int]:
     return [int(line.split("ckpt-")[1][:12]) for line in log.splitlines() if "resumed from" in line]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (torchrun starts each rank in a session of its own, so
-    killing the agent's process group would leave the ranks running)."""
-    tree, frontier = [pid], [pid]
-    while frontier:  # collect first: a killed parent's children are re-parented and lost from view
-        frontier = [child for parent in frontier for child in _children(parent)]
-        tree += frontier
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     model = tp.wrap(build_dlrm(TINY))
     load_checkpoint(model, run_dir / "checkpoint")
@@ -198,7 +172,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(two_nod
     proc = agents.start(_standalone(tmp_path, max_restarts=1), log)
     position = _wait_for_checkpoint(tmp_path, 1, proc)
     ranks = [
-        pid for pid in _children(proc.pid) if "torchrun_command" in Path(f"/proc/{pid}/cmdline").read_text()
+        pid for pid in children(proc.pid) if "torchrun_command" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)
