@@ -40,8 +40,9 @@ def _d2s(run_dir: Path) -> str:
     try:
         out, _ = proc.communicate(timeout=600)
     finally:
-        kill_tree(proc.pid)
-        proc.wait()
+        if proc.poll() is None:  # timed out or interrupted: the CLI, its torchrun agent and the ranks
+            kill_tree(proc.pid)
+            proc.wait()
     assert proc.returncode == 0, out[-4000:]
     return out
 
