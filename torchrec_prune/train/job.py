@@ -287,7 +287,9 @@ def run_job(
         position = job_position(trainer, stream.num_rows)
         if position == stream.num_rows and not final:
             return  # the end of the stream: saved once, after the last window is flushed
+        started = time.perf_counter()
         path = checkpointer.save(position, {"model": replica}, trainer.state_dict(), manifest)
+        trainer.result.checkpoint_seconds += time.perf_counter() - started
         logger.info("run checkpoint at row %d: %s", position, path)
 
     trainer = IncrementalTrainer(
@@ -346,6 +348,7 @@ def summarize(result: RunResult, stream: Stream, model: torch.nn.Module) -> dict
         "samples": result.samples,
         "wall_seconds": result.wall_seconds,
         "resume_seconds": result.resume_seconds,
+        "checkpoint_seconds": result.checkpoint_seconds,
         "samples_per_second": result.samples / result.wall_seconds if result.wall_seconds else None,
         "windows": len(records),
         "last_quarter_ce": sum(r.ce for r in tail) / len(tail) if tail else None,

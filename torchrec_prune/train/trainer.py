@@ -88,7 +88,8 @@ class RunResult:
     """What a run produced: closed look-ahead windows and the FLOPs integral.
 
     ``wall_seconds`` covers this process's training (after a resume: since the resume);
-    ``resume_seconds`` the time to load the run checkpoint it resumed from (``None``: fresh start).
+    ``resume_seconds`` the time to load the run checkpoint it resumed from (``None``: fresh start);
+    ``checkpoint_seconds`` the time this process spent writing run checkpoints.
     """
 
     records: list[WindowRecord] = field(default_factory=list)
@@ -97,6 +98,7 @@ class RunResult:
     flops: FlopsTotals = field(default_factory=FlopsTotals)
     wall_seconds: float = 0.0
     resume_seconds: float | None = None
+    checkpoint_seconds: float = 0.0
 
 
 class IncrementalTrainer:
