@@ -107,3 +107,32 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+def final_model(run_dir: Path, config) -> dict[str, torch.Tensor]:
+    """The state dict of a run folder's final ``checkpoint/`` loaded into a wrapped DLRM of ``config``."""
+    import torchrec_prune as tp
+    from torchrec_prune.distributed.checkpoint import load_checkpoint
+    from torchrec_prune.models import build_dlrm
+
+    model = tp.wrap(build_dlrm(config))
+    load_checkpoint(model, run_dir / "checkpoint")
+    return model.state_dict()
+
+
+def assert_same_run(run: Path, reference: Path, config) -> None:
+    """Two grow/prune run folders hold the same windows (byte for byte), phases (but for timings) and
+    final weights and masks (``torch.equal``)."""
+    import json
+
+    def phases(run_dir: Path) -> list[dict]:
+        records = json.loads((run_dir / "phases.json").read_text())["phases"]
+        return [{k: v for k, v in p.items() if "seconds" not in k} for p in records]
+
+    assert (run / "windows.jsonl").read_text() == (reference / "windows.jsonl").read_text()
+    assert phases(run) == phases(reference)
+    mine, ref = final_model(run, config), final_model(reference, config)
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) for k in ref), [
+        k for k in ref if not torch.equal(mine[k], ref[k])
+    ]

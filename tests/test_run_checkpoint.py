@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_same_run, final_model
 
 import torchrec_prune as tp
 from torchrec_prune.cli import main
-from torchrec_prune.distributed.checkpoint import CheckpointMismatchError, load_checkpoint
+from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
 from torchrec_prune.distributed.run_checkpoint import CheckpointWorldSizeError, RunCheckpointer
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.schedules.grow_prune import GrowPruneConfig
@@ -45,25 +45,8 @@ def _grow_prune(run_dir: Path) -> None:
     run_grow_prune_job(prepare_job(_job(run_dir), extra={"grow_prune": "alternate"}), GROW_PRUNE)
 
 
-def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    model = tp.wrap(build_dlrm(TINY))
-    load_checkpoint(model, run_dir / "checkpoint")
-    return model.state_dict()
-
-
-def _phases(run_dir: Path) -> list[dict]:
-    phases = json.loads((run_dir / "phases.json").read_text())["phases"]
-    return [{k: v for k, v in p.items() if "seconds" not in k} for p in phases]
-
-
 def _assert_same_run(run: Path, reference: Path) -> None:
-    assert (run / "windows.jsonl").read_text() == (reference / "windows.jsonl").read_text()
-    assert _phases(run) == _phases(reference)
-    mine, ref = _final_model(run), _final_model(reference)
-    assert mine.keys() == ref.keys()
-    assert all(torch.equal(mine[k], ref[k]) for k in ref), [
-        k for k in ref if not torch.equal(mine[k], ref[k])
-    ]
+    assert_same_run(run, reference, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +118,7 @@ def test_lazily_created_optimizer_state_resumes_exactly(tmp_path):
     shutil.copytree(full / "checkpoints" / "ckpt-000000003024", part / "checkpoints" / "ckpt-000000003024")
     run_job(_job(part, optimizer="sgd", lr=0.5, momentum=0.9))
     assert (part / "windows.jsonl").read_text() == (full / "windows.jsonl").read_text()
-    mine, ref = _final_model(part), _final_model(full)
+    mine, ref = final_model(part, TINY), final_model(full, TINY)
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
 
 
