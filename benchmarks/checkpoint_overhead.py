@@ -68,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--note", default="", help="conditions of the measurement, written with the results")
     args = parser.parse_args()
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +129,7 @@ def main() -> None:
         )
 
     share = result["checkpoint_share"]["median"]
+    written = -(-args.rows // 100_000)
     (OUT / "checkpoints.md").write_text(
         f"""# Cost of full-state run checkpoints
 
@@ -135,8 +137,8 @@ def main() -> None:
 {result["machine"]}.
 
 `{result["command"]}` with run checkpoints at the default interval (every 100,000 rows:
-{len(checkpoints) - 1} mid-run and one at the end) against `--checkpoint-every 0`, arms alternating in
-order per round. One checkpoint (weights, masks, Adagrad state of all tables and MLPs, trainer, window
+{written - 1} mid-run and one at the end, the last {len(checkpoints)} kept) against
+`--checkpoint-every 0`, arms alternating in order per round. {args.note} One checkpoint (weights, masks, Adagrad state of all tables and MLPs, trainer, window
 and schedule state) is {size / 1e6:.1f} MB.
 
 | round | order | wall s (default / off) | CPU s (default / off) | writing checkpoints / training s |
