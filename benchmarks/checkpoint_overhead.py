@@ -138,8 +138,10 @@ def main() -> None:
 
 `{result["command"]}` with run checkpoints at the default interval (every 100,000 rows:
 {written - 1} mid-run and one at the end, the last {len(checkpoints)} kept) against
-`--checkpoint-every 0`, arms alternating in order per round. {args.note} One checkpoint (weights, masks, Adagrad state of all tables and MLPs, trainer, window
-and schedule state) is {size / 1e6:.1f} MB.
+`--checkpoint-every 0`, arms alternating in order per round. {args.note}
+
+One checkpoint (weights, masks, Adagrad state of all tables and MLPs, trainer, window and schedule
+state) is {size / 1e6:.1f} MB.
 
 | round | order | wall s (default / off) | CPU s (default / off) | writing checkpoints / training s |
 |---|---|---|---|---|
