@@ -45,8 +45,8 @@ def test_criteo_head_runs_from_the_command_line(tmp_path, shared_data):
         (["train", "--data", "criteo:/no/such/file.tsv"], "Criteo TSV file not found: /no/such/file.tsv"),
         (["train", "--data", "parquet:x"], "unknown stream spec 'parquet:x'"),
         (["train", "--batch-size", "0"], "TrainConfig.batch_size must be an integer >= 1, got 0"),
-        (["train", "--nproc", "0"], "--nproc must be >= 1, got 0"),
-        (["train", "--drift", "-1"], "JobConfig.drift must be >= 0"),
+        (["train", "--nproc", "0"], "--nproc must be in [1, "),
+        (["train", "--drift", "-1"], "JobConfig.drift (--drift) must be a finite number >= 0"),
         (["train", "--dense-arch", "16,8"], "DLRMConfig.dense_arch must end with embedding_dim=4"),
     ],
 )

@@ -2,13 +2,16 @@
 
 from torchrec_prune.masks import (
     MaskedEmbeddingBagCollection,
+    MaskedEmbeddingCollection,
     MaskedLinear,
+    UnwrappedModuleWarning,
     WrapConfig,
     apply_masks_,
     grow_,
     masked_modules,
     prune_,
     set_masks_,
+    unwrap,
     wrap,
 )
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
@@ -17,7 +20,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaskedEmbeddingBagCollection",
+    "MaskedEmbeddingCollection",
     "MaskedLinear",
+    "UnwrappedModuleWarning",
     "WrapConfig",
     "apply_masks_",
     "count_denormals",
@@ -26,5 +31,6 @@ __all__ = [
     "masked_modules",
     "prune_",
     "set_masks_",
+    "unwrap",
     "wrap",
 ]

@@ -1,28 +1,40 @@
 """``torchrec-prune``: command-line entry point (train, grow-prune, d2s, prune, demo).
 
-Bad input (unknown flags, bad paths, out-of-range values, a run folder whose checkpoint another model or
-other settings wrote) ends with a one-line error and exit code 2, before any training starts. Commands
-that train on a stream run in one process, as ``--nproc N`` local torchrun ranks, or as ranks of an
-outside ``torchrun`` (see ``launch/``); they write full-state run checkpoints and resume from the newest
-one of their run folder on (re)start.
+Bad input (unknown flags, bad paths, out-of-range or non-finite values, flags that do not apply, data
+files without valid rows, a torn checkpoint, a run folder holding another run or whose checkpoint another
+model or other settings wrote) ends with a one-line error and exit code 2, before any training starts
+and before anything is written. A run that fails later (a non-finite loss, a rank that stops answering
+for ``--timeout`` seconds) ends with a one-line error and exit code 1. Commands that train on a stream
+run in one process, as ``--nproc N`` local torchrun ranks, or as ranks of an outside ``torchrun`` (see
+``launch/``); they write full-state run checkpoints and resume from the newest one of their run folder
+on (re)start. Each rank logs to stderr and to its run folder (``log.txt``, ``log-rank<r>.txt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import asdict
+from typing import TYPE_CHECKING, NoReturn
 
 from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
 from torchrec_prune.models import DLRMConfig
-from torchrec_prune.train.trainer import OPTIMIZERS, TrainConfig
+from torchrec_prune.train.trainer import OPTIMIZERS, NonFiniteError, TrainConfig
 
 if TYPE_CHECKING:  # the job module pulls in DMP and DCP: imported when a command runs
     from torchrec_prune.train.job import JobConfig, PreparedJob
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (with where to find the usage), like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _layers(text: str) -> list[int]:
@@ -69,6 +81,16 @@ def add_run_args(p: argparse.ArgumentParser, *, run_dir: str) -> None:
         default="auto",
         help="auto: continue from the newest complete run checkpoint of --run-dir; never: start over",
     )
+    add_overwrite_arg(p)
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds ranks wait for each other before the job ends"
+    )
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --run-dir (default: refuse to touch it)"
+    )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -112,15 +134,50 @@ def job_config(args: argparse.Namespace, *, checkpoint: bool) -> JobConfig:
         checkpoint_every=getattr(args, "checkpoint_every", 0),
         keep_checkpoints=getattr(args, "keep_checkpoints", 2),
         resume=getattr(args, "resume", "never"),
+        timeout=getattr(args, "timeout", 1800.0),
     )
 
 
 def _world_size(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if "LOCAL_RANK" in os.environ:  # a rank of torchrun: its launcher chose the ranks
+        if args.overwrite:
+            raise ValueError(
+                "--overwrite does not apply under an outside torchrun (a restarted rank would delete the "
+                "checkpoint it must resume from): empty the run folder before starting the job"
+            )
+        return int(os.environ.get("WORLD_SIZE", args.nproc))
+    cores = len(os.sched_getaffinity(0))
+    if not 1 <= args.nproc <= cores:
+        raise ValueError(f"--nproc must be in [1, {cores}] (CPU cores this process has), got {args.nproc}")
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
-    return int(os.environ.get("WORLD_SIZE", args.nproc))
+    return args.nproc
+
+
+MAX_LR = 1000.0  # far above any learning rate that trains (MLPerf DLRM's SGD uses 24); 1e30 is a typo
+# Flags that mean something only with another setting: given without it, they are an error, not ignored.
+_APPLIES = {
+    "--momentum": ("--optimizer sgd", lambda a: a.optimizer == "sgd"),
+    "--drift": ("--data synthetic", lambda a: a.data == "synthetic"),
+    "--max-restarts": ("--nproc > 1", lambda a: a.nproc > 1),
+    "--threshold": ("--mode adaptive", lambda a: a.mode == "adaptive"),
+}
+
+
+def check_flags(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Refuse non-finite numbers, and flags given where they do not apply.
+
+    Raises:
+        ValueError: naming the flag and the accepted form.
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+    if not getattr(args, "lr", 1.0) <= MAX_LR:
+        raise ValueError(f"--lr must be in (0, {MAX_LR:g}], got {args.lr!r}")
+    for flag, (needs, applies) in _APPLIES.items():
+        if any(_is_flag(argv, i, (flag,)) for i in range(len(argv))) and not applies(args):
+            raise ValueError(f"{flag} applies only with {needs}")
 
 
 def _prepare_run(
@@ -131,15 +188,24 @@ def _prepare_run(
     check: Callable[[PreparedJob, int], None] | None = None,
     replica: str = "model",
 ) -> Runner:
-    """Check the job (and a resume of it) here, then run ``train(prepared)`` here or under torchrun."""
-    from torchrec_prune.train.job import prepare_job
+    """Check the job (and a resume of it) here, then run ``train(prepared)`` here or under torchrun.
+
+    With ``--overwrite`` ``main`` empties the run folder once, after every check passed; the torchrun
+    ranks then start in an empty folder (and resume from their own checkpoints after a restart).
+    """
+    from torchrec_prune.train.job import check_run_dir, prepare_job
 
     world_size = _world_size(args)
     config = job_config(args, checkpoint=not args.no_checkpoint)
     # bad paths, malformed headers, a resume into another model or other settings: fail here
-    prepared = prepare_job(config, extra=extra, world_size=world_size, replica=replica)
+    prepared = prepare_job(
+        config, extra=extra, world_size=world_size, replica=replica, overwrite=args.overwrite
+    )
+    resuming = prepared.resume_from is not None
+    check_run_dir(args.run_dir, prepared.settings, resuming=resuming, overwrite=args.overwrite)
     if check is not None:
         check(prepared, world_size)
+
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return lambda: _relaunch_under_torchrun(args.nproc, args.max_restarts, argv)
     return lambda: train(prepared)
@@ -202,11 +268,6 @@ def _cmd_d2s(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
 
     def check(prepared: PreparedJob, world_size: int) -> None:
         loop = prepared.config.train
-        if loop.increment_rows < loop.batch_size * world_size:
-            raise ValueError(
-                f"--increment-rows ({loop.increment_rows}) must be >= --batch-size x ranks "
-                f"({loop.batch_size} x {world_size})"
-            )
         increments = -(-prepared.stream.num_rows // loop.increment_rows)
         if increments <= config.first_serving:
             raise ValueError(
@@ -230,8 +291,12 @@ _D2S_FLAGS = ("r", "p", "mode", "threshold", "warmup", "prune_fraction", "lam", 
 
 
 def _relaunch_under_torchrun(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
-    """Re-run this command as ``nproc`` torchrun ranks on this machine (loopback rendezvous)."""
+    """Re-run this command as ``nproc`` torchrun ranks on this machine (loopback rendezvous).
+
+    ``--overwrite`` is not passed on: the folder was emptied here.
+    """
     rest = [a for i, a in enumerate(argv) if not _is_flag(argv, i, ("--nproc", "--max-restarts"))]
+    rest = [a for a in rest if a != "--overwrite"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     # "--" ends torchrun's own options: it would read "--r" as an abbreviation of "--rdzv-*"
     cmd += [f"--max-restarts={max_restarts}", "-m", "--", "torchrec_prune.cli", *rest]
@@ -255,6 +320,7 @@ _PRUNE_KNOBS = {
 
 def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job, run_prune_job
+    from torchrec_prune.train.job import check_run_dir
 
     knobs = {k: getattr(args, k) for k in _PRUNE_KNOBS if getattr(args, k) is not None}
     prune = PruneConfig(method=args.method, prune_rows=args.prune_rows, **knobs)  # checks every value
@@ -268,7 +334,9 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
         prune=prune,
         start_row=args.start_row,
     )
-    prepared = prepare_prune_job(config)  # missing checkpoint, bad rows, shape mismatch: before training
+    # missing or torn checkpoint, bad rows, shape mismatch, a run folder to protect: before training
+    prepared = prepare_prune_job(config)
+    check_run_dir(args.run_dir, asdict(config), resuming=False, overwrite=args.overwrite)
 
     def run() -> int:
         result, table = run_prune_job(prepared)
@@ -285,13 +353,17 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
 
 
 def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
+    """The demo regenerates its folder on every run (``make demo`` twice must work), so only the
+    folder's writability is checked."""
     from torchrec_prune.demo import prepare_demo
+    from torchrec_prune.train.job import check_writable
 
+    check_writable(args.run_dir)
     return prepare_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchrec-prune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="torchrec-prune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="incremental training of a wrapped DLRM on a stream")
@@ -354,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--start-row", type=int, default=0, help="first row of the pruning phase")
     prune.add_argument("--run-dir", default="runs/prune")
     prune.add_argument("--no-checkpoint", action="store_true", help="do not save the pruned model")
+    add_overwrite_arg(prune)
     prune.set_defaults(func=_cmd_prune)
 
     demo = sub.add_parser("demo", help="the main job on the built-in synthetic stream")
@@ -363,27 +436,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging() -> None:
-    """INFO to stderr with time and rank (one line per event, readable in a job log)."""
+def setup_logging(run_dir: str | None = None) -> None:
+    """INFO to stderr with time and rank (one line per event, readable in a job log), and to
+    ``run_dir/log.txt`` (rank 0) or ``run_dir/log-rank<r>.txt``, appended across restarts."""
     rank = os.environ.get("RANK", "0")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        name = "log.txt" if rank == "0" else f"log-rank{rank}.txt"
+        handlers.append(logging.FileHandler(os.path.join(run_dir, name), encoding="utf-8"))
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s", force=True
+        level=logging.INFO,
+        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
     )
 
 
+def _stopped_ranks_line(error: Exception) -> str:
+    """One line for a failed collective, naming the ranks that stopped answering (they are ended: on this
+    host at once, elsewhere by their torchrun agent)."""
+    import torch.distributed as dist
+
+    from torchrec_prune.distributed.dmp import kill_ranks, silent_ranks
+
+    rank = dist.get_rank()
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        silent = silent_ranks()
+        kill_ranks(silent)
+    except RuntimeError:  # the store is gone too: say what this rank saw
+        silent = []
+    who = f"rank(s) {', '.join(map(str, silent))} stopped answering" if silent else "a collective failed"
+    return f"rank {rank}: {who} ({first[:200]}); ending the job"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Check every input (exit 2 on the first bad one, nothing written), then run the command."""
+    import torch.distributed as dist
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)  # unknown flags: argparse prints one line and exits 2
+    args = parser.parse_args(argv)  # unknown flags: one line, exit 2
     prepare: Callable[[argparse.Namespace, Sequence[str]], Runner] = args.func
     try:
+        check_flags(args, argv)
         runner = prepare(args, argv)  # validation only: nothing has trained yet
     except CheckpointMismatchError as e:
         parser.exit(2, f"torchrec-prune: error: {e.one_line()}\n")
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:
         parser.exit(2, f"torchrec-prune: error: {e}\n")
-    setup_logging()
-    return runner()
+    if getattr(args, "overwrite", False):  # every check passed: now the old run may go
+        from torchrec_prune.train.job import clear_run_dir
+
+        clear_run_dir(args.run_dir)
+    launcher = getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ
+    setup_logging(None if launcher else args.run_dir)  # the ranks of a launcher log for themselves
+    try:
+        return runner()
+    except NonFiniteError as e:
+        _fail(parser, str(e))
+    except RuntimeError as e:  # gloo's timeout is a plain RuntimeError
+        if not dist.is_initialized():
+            raise
+        _fail(parser, _stopped_ranks_line(e))
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """End a run that failed while training: one line on stderr, and the same in the run's log file."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    parser.exit(1, f"torchrec-prune: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ hashed like TorchRec's (``int(x, 16)`` modulo the table size), into ``[1, num_em
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -68,6 +69,20 @@ class CriteoStream(FileStream):
         self.num_dense = INT_FEATURE_COUNT
         self.feature_names = list(DEFAULT_CAT_NAMES)
         self.num_rows = count_lines(self.path, self.max_rows)
+
+    def sample_rows(self, limit: int = 10_000) -> tuple[int, Counter[str]]:
+        """Valid rows and malformed rows by reason among the first ``limit`` (a cheap look at a file that
+        is read lazily; ``stats`` is left alone)."""
+        malformed: Counter[str] = Counter()
+        valid = 0
+        with open(self.path, "rb") as f:
+            for raw in islice(f, min(limit, self.num_rows)):
+                parsed = self._parse_fields(raw.rstrip(b"\r\n").decode("utf-8", errors="replace").split("\t"))
+                if isinstance(parsed, str):
+                    malformed[parsed] += 1
+                else:
+                    valid += 1
+        return valid, malformed
 
     def _read(self, ranges: Iterable[tuple[int, int]]) -> Iterator[Rows]:
         with open(self.path, "rb") as f:

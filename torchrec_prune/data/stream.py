@@ -15,9 +15,9 @@ is informative). Present values of file streams are hashed into ``[1, num_embedd
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +109,8 @@ class Stream(ABC):
     """A time-ordered source of TorchRec batches.
 
     Subclasses set ``num_dense``, ``feature_names``, ``num_embeddings`` and ``num_rows`` and implement
-    ``_read``. File streams skip malformed rows, so a batch can be shorter than its position range (and
+    ``_read`` (sources of rows with one id per feature) or ``_batches`` (sources of ready batches, such as
+    ``BatchStream``). File streams skip malformed rows, so a batch can be shorter than its position range (and
     is empty only if every row in it is malformed); the number of batches never depends on the contents,
     so a rank that gets a short batch still takes part in every step's collectives.
 
@@ -125,9 +126,9 @@ class Stream(ABC):
     def __init__(self) -> None:
         self.stats = StreamStats()
 
-    @abstractmethod
     def _read(self, ranges: Iterable[tuple[int, int]]) -> Iterator[Rows]:
         """Yield the valid rows of each position range, in order; ranges are increasing and disjoint."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _read nor _batches")
 
     def _resolve(self, start_row: int, num_rows: int | None) -> int:
         check_int("start_row", start_row, 0, self.num_rows)
@@ -174,6 +175,139 @@ class Stream(ABC):
         for rows in self._read(ranges):
             self.stats.rows_read += len(rows)
             yield rows_to_batch(rows, self.feature_names)
+
+
+class BatchStream(Stream):
+    """Your own time-ordered TorchRec ``Batch``es presented as a ``Stream``: re-cut into the trainer's
+    batch size, split by rank and read in increments like every built-in source.
+
+    Minimum interface of each batch: ``dense_features`` float ``[B, num_dense]``, ``labels`` ``[B]`` (0/1),
+    and ``sparse_features`` a ``KeyedJaggedTensor`` with the same keys in the same order in every batch
+    and ``stride() == B``; any number of ids per feature per row (multi-hot, empty allowed), and per-id
+    ``weights`` when the KJT has them. Batches may have any, differing, sizes; rows keep their order.
+
+    Args:
+        batches: a sequence of batches (read again freely), a zero-argument callable returning a fresh
+            iterable of them (read again by calling it), or a one-shot iterable such as a generator
+            (read once, forward only; then ``num_rows`` is required).
+        num_rows: rows to use (default: every row of ``batches``; counted once for a callable).
+        num_embeddings: the hash size the ids fit in, for code that sizes tables from the stream (0:
+            not known).
+
+    Raises:
+        ValueError: a one-shot iterable without ``num_rows``, no batches, or batches whose keys differ.
+
+    Example::
+
+        def days():  # e.g. one Batch per hour of a log, multi-hot "genres" and "history"
+            for path in sorted(Path("log").glob("*.pt")):
+                yield torch.load(path)
+        stream = BatchStream(days, num_rows=1_000_000)
+        IncrementalTrainer(model, TrainConfig(batch_size=256), forward_fn=my_forward).run(stream)
+    """
+
+    def __init__(
+        self,
+        batches: Sequence[Batch] | Callable[[], Iterable[Batch]] | Iterable[Batch],
+        *,
+        num_rows: int | None = None,
+        num_embeddings: int = 0,
+    ) -> None:
+        super().__init__()
+        self._source = batches
+        self._one_shot: Iterator[Batch] | None = None
+        if not isinstance(batches, Sequence) and not callable(batches):
+            if num_rows is None:
+                raise ValueError(
+                    "BatchStream over a one-shot iterable needs num_rows (or pass a list/callable)"
+                )
+            self._one_shot = iter(batches)
+        self._cursor: tuple[Iterator[Batch], int, Batch] | None = None  # iterator, start of current, current
+        first = self._batch_at(0)[1] if num_rows != 0 else None
+        total = num_rows if num_rows is not None else sum(b.labels.numel() for b in self._open())
+        self.num_rows = check_int("num_rows", total, 0)
+        self.num_embeddings = check_int("num_embeddings", num_embeddings, 0)
+        self.feature_names = list(first.sparse_features.keys()) if first is not None else []
+        self.num_dense = int(first.dense_features.shape[1]) if first is not None else 0
+
+    def _open(self) -> Iterator[Batch]:
+        if self._one_shot is not None:
+            if self._cursor is not None:
+                raise ValueError(
+                    "BatchStream over a one-shot iterable reads forward only; pass a list or a callable to "
+                    "read it again"
+                )
+            return self._one_shot
+        source = self._source() if callable(self._source) else self._source
+        return iter(source)  # type: ignore[arg-type]
+
+    def _batch_at(self, position: int) -> tuple[int, Batch]:
+        """The source batch holding row ``position`` and the position of its first row."""
+        if self._cursor is None or position < self._cursor[1]:
+            iterator = self._open()
+            self._cursor = (iterator, 0, self._next(iterator, position))
+        iterator, start, batch = self._cursor
+        while start + batch.labels.numel() <= position:
+            start, batch = start + batch.labels.numel(), self._next(iterator, position)
+        self._cursor = (iterator, start, batch)
+        return start, batch
+
+    @staticmethod
+    def _next(iterator: Iterator[Batch], position: int) -> Batch:
+        batch = next(iterator, None)
+        if batch is None:
+            raise ValueError(f"BatchStream: the batches end before row {position}")
+        return batch
+
+    def _batches(self, ranges: Iterator[tuple[int, int]]) -> Iterator[Batch]:
+        for a, b in ranges:
+            parts: list[tuple[Batch, int, int]] = []
+            position = a
+            while position < b:
+                start, batch = self._batch_at(position)
+                stop = min(b, start + batch.labels.numel())
+                parts.append((batch, position - start, stop - start))
+                position = stop
+            self.stats.rows_read += b - a
+            yield gather_rows(parts)
+
+
+def gather_rows(parts: Sequence[tuple[Batch, int, int]]) -> Batch:
+    """One ``Batch`` of rows ``[lo, hi)`` of each given batch, in order (multi-hot and weighted KJTs).
+
+    Example::
+
+        gather_rows([(a, 96, 128), (b, 0, 32)])  # the last 32 rows of a, then the first 32 of b
+    """
+    keys = list(parts[0][0].sparse_features.keys())
+    weighted = parts[0][0].sparse_features.weights_or_none() is not None
+    per_key: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in keys]
+    for batch, lo, hi in parts:
+        kjt = batch.sparse_features
+        if list(kjt.keys()) != keys:
+            raise ValueError(
+                f"BatchStream: every batch needs the keys {keys} in this order, got {kjt.keys()}"
+            )
+        rows = kjt.stride()
+        offsets, lengths = kjt.offsets(), kjt.lengths().view(len(keys), rows)
+        weights = kjt.weights_or_none()
+        for f in range(len(keys)):
+            s, e = int(offsets[f * rows + lo]), int(offsets[f * rows + hi])
+            per_key[f].append(
+                (lengths[f, lo:hi], kjt.values()[s:e], None if weights is None else weights[s:e])
+            )
+    flat = [piece for key in per_key for piece in key]
+    return Batch(
+        dense_features=torch.cat([b.dense_features[lo:hi] for b, lo, hi in parts]),
+        sparse_features=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat([v for _, v, _ in flat]),
+            lengths=torch.cat([n for n, _, _ in flat]),
+            weights=torch.cat([w for _, _, w in flat]) if weighted else None,  # type: ignore[misc]
+            stride=sum(hi - lo for _, lo, hi in parts),
+        ),
+        labels=torch.cat([b.labels[lo:hi] for b, lo, hi in parts]),
+    )
 
 
 class FileStream(Stream):

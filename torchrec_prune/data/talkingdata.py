@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -135,6 +136,10 @@ class TalkingDataStream(FileStream):
         if stamp.tzinfo is not None:
             stamp = stamp.astimezone(timezone.utc).replace(tzinfo=None)
         return ids, (stamp - _EPOCH) // _SECOND, int(row[label_col])
+
+    def sample_rows(self) -> tuple[int, Counter[str]]:
+        """Valid rows kept and malformed rows dropped by reason (the whole file was read at load)."""
+        return self.num_rows, Counter(self.stats.malformed)
 
     def _features(self, raw_ids: np.ndarray, click_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         seconds = click_time % _DAY

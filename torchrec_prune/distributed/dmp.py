@@ -1,7 +1,8 @@
 """Shard a wrapped TorchRec model with ``DistributedModelParallel`` (SPEC 8).
 
-Wrapping happens before sharding: ``MaskedEmbeddingBagCollection`` composes around the EBC, so the
-planner sees the same EBC (now at ``<path>.ebc``) and TorchRec's own sharder shards it. The plan is
+Wrapping happens before sharding: ``MaskedEmbeddingBagCollection`` composes around the EBC (and
+``MaskedEmbeddingCollection`` around the EC), so the planner sees the same collection (now at
+``<path>.ebc`` / ``<path>.ec``) and TorchRec's own sharder shards it. The plan is
 therefore the unwrapped model's plan, table for table; ``plan_by_table`` makes that checkable.
 
 Embedding tables train with TorchRec's fused optimizer (the update runs inside the backward of the
@@ -12,7 +13,12 @@ change, as far as the fused kernel allows (see ``set_embedding_masks_``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -132,11 +139,12 @@ class ShardedModel:
     plan: ShardingPlan
 
 
-def init_distributed(backend: str | None = None) -> torch.device:
+def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> torch.device:
     """Join the process group torchrun describes (env vars) and return this rank's device.
 
     Uses NCCL on ``cuda:LOCAL_RANK`` when a GPU is visible, otherwise gloo on CPU. Calling it again
-    once the group exists only returns the device.
+    once the group exists only returns the device. ``timeout``: how long a collective waits for the
+    other ranks before it fails (gloo and NCCL honour it; default: torch's 30 minutes for gloo).
 
     After a ``torchrun --max-restarts`` restart the workers share the agent's store with the failed
     attempt, whose ranks left their addresses under the same keys: a new rank could read a dead rank's
@@ -152,7 +160,7 @@ def init_distributed(backend: str | None = None) -> torch.device:
         backend = backend or ("nccl" if use_cuda else "gloo")
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if attempt == 0:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -164,15 +172,69 @@ def init_distributed(backend: str | None = None) -> torch.device:
                 timeout=timedelta(minutes=10),
             )
             prefixed = dist.PrefixStore(f"torchrec_prune/attempt_{attempt}", store)
-            dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend=backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout
+            )
     return device
 
 
-def make_sharder(config: ShardingConfig) -> EmbeddingBagCollectionSharder:
-    """TorchRec's EBC sharder with the fused optimizer of ``config``."""
-    return EmbeddingBagCollectionSharder(
-        fused_params={"optimizer": FUSED_OPTIMIZERS[config.fused_optimizer], "learning_rate": config.lr}
-    )
+_HEARTBEAT = "torchrec_prune/heartbeat/"
+
+
+def start_heartbeat(interval: float = 1.0) -> None:
+    """Count this rank's heartbeats in the process group's store, from a daemon thread.
+
+    A rank that is stopped (SIGSTOP, a hung kernel) or lost stops counting while its peers wait for it in
+    a collective; ``silent_ranks`` then tells the rank whose collective timed out which ranks to name.
+    """
+    store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
+    store.set(f"{_HEARTBEAT}pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(f"{_HEARTBEAT}{rank}", 1)
+            except RuntimeError:  # the store went away with the job: nothing left to report to
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=beat, name="torchrec_prune-heartbeat", daemon=True).start()
+
+
+def silent_ranks(wait: float = 3.0) -> list[int]:
+    """Ranks whose heartbeat did not advance during ``wait`` seconds (stopped or lost), in order."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = [f"{_HEARTBEAT}{r}" for r in range(dist.get_world_size())]
+    before = [store.add(key, 0) for key in keys]
+    time.sleep(wait)
+    return [r for r, key in enumerate(keys) if store.add(key, 0) == before[r]]
+
+
+def kill_ranks(ranks: list[int]) -> None:
+    """SIGKILL ``ranks`` that run on this host. A stopped process cannot act on torchrun's SIGTERM, which
+    would hold the job for torchrun's 30-second shutdown grace; ranks on other hosts are left to their
+    own agent."""
+    store = dist.distributed_c10d._get_default_store()
+    for rank in ranks:
+        host, pid = store.get(f"{_HEARTBEAT}pid/{rank}").decode().split()
+        if host == socket.gethostname():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def make_sharders(config: ShardingConfig) -> list[ModuleSharder[nn.Module]]:
+    """TorchRec's ``EmbeddingBagCollection`` and ``EmbeddingCollection`` sharders, both with the fused
+    optimizer of ``config``: every table of either kind is planned and sharded, none copied to every rank.
+
+    Example::
+
+        planner.plan(wrap(model), make_sharders(ShardingConfig(fused_optimizer="adagrad")))
+    """
+    fused = {"optimizer": FUSED_OPTIMIZERS[config.fused_optimizer], "learning_rate": config.lr}
+    return [
+        EmbeddingBagCollectionSharder(fused_params=dict(fused)),  # type: ignore[list-item]
+        EmbeddingCollectionSharder(fused_params=dict(fused)),  # type: ignore[list-item]
+    ]
 
 
 def plan_sharding(
@@ -184,7 +246,8 @@ def plan_sharding(
     local_world_size: int | None = None,
     pg: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
-    """Plan how every ``EmbeddingBagCollection`` of ``model`` (on ``meta`` or not) is sharded.
+    """Plan how every ``EmbeddingBagCollection`` and ``EmbeddingCollection`` of ``model`` (on ``meta`` or
+    not) is sharded.
 
     With ``pg`` the plan is made on rank 0 and broadcast, so every rank shards identically; without it
     the plan is made locally (for inspection, or on each rank of a deterministic setup).
@@ -209,7 +272,7 @@ def plan_sharding(
         constraints=dict(config.constraints),
         debug=False,
     )
-    sharders: list[ModuleSharder[nn.Module]] = [make_sharder(config)]  # type: ignore[list-item]
+    sharders = make_sharders(config)
     if pg is not None:
         return planner.collective_plan(model, sharders, pg)
     return planner.plan(model, sharders)
@@ -256,7 +319,7 @@ def shard(
         env=ShardingEnv.from_process_group(pg),
         device=device,
         plan=plan,
-        sharders=[make_sharder(config)],  # type: ignore[list-item]
+        sharders=make_sharders(config),
     )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizer_cls = DENSE_OPTIMIZERS[config.dense_optimizer]

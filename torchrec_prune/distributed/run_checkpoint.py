@@ -40,10 +40,10 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from torchrec_prune.distributed.checkpoint import (
     CheckpointMismatchError,
-    KeyMismatch,
-    _describe_saved,
-    _describe_tensor,
     _single_process_is_intended,
+    read_metadata,
+    reading,
+    state_mismatches,
 )
 from torchrec_prune.train.replica import Replica
 
@@ -144,7 +144,8 @@ class RunCheckpointer:
             match = _NAME.match(path.name)
             manifest = path / MANIFEST
             if match and manifest.is_file() and (path / ".metadata").is_file():
-                found.append(CheckpointInfo(path, int(match.group(1)), json.loads(manifest.read_text())))
+                body = reading(path, lambda m=manifest: json.loads(m.read_text()))
+                found.append(CheckpointInfo(path, int(match.group(1)), body))
         return sorted(found, key=lambda info: info.position)
 
     def clear(self) -> None:
@@ -221,7 +222,7 @@ class RunCheckpointer:
         check_world_size(info, world)
         holder: dict[str, Any] = {f"rank{rank}": b""}
         with _single_process_is_intended():
-            dcp.load(holder, checkpoint_id=info.path)
+            reading(info.path, lambda: dcp.load(holder, checkpoint_id=info.path))
         return torch.load(io.BytesIO(holder[f"rank{rank}"]), weights_only=False)
 
     def load_replicas(self, info: CheckpointInfo, replicas: Mapping[str, Replica]) -> None:
@@ -233,7 +234,7 @@ class RunCheckpointer:
         Raises:
             CheckpointMismatchError: a model key or shape differs (each named, with both shapes).
         """
-        metadata = dcp.FileSystemReader(str(info.path)).read_metadata()
+        metadata = read_metadata(info.path)
         missing = sorted(set(replicas) - set(info.manifest.get("replicas", [])))
         if missing:
             raise ValueError(
@@ -247,7 +248,7 @@ class RunCheckpointer:
         for name, replica in replicas.items():
             state.update(_replica_state(name, replica))
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=info.path)
+            reading(info.path, lambda: dcp.load(state, checkpoint_id=info.path))
         for name, replica in replicas.items():
             # DCP fills tensors in place; loading them back lets TorchRec's sharded modules see it.
             replica.model.load_state_dict(state[f"{name}.model"])
@@ -277,20 +278,14 @@ def check_model(info: CheckpointInfo, name: str, model: nn.Module, metadata: Met
     Raises:
         CheckpointMismatchError: naming each differing key with both shapes.
     """
-    metadata = metadata or dcp.FileSystemReader(str(info.path)).read_metadata()
+    metadata = metadata or read_metadata(info.path)
     prefix = f"{name}.model."
     saved = {
         key[len(prefix) :]: meta
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith(prefix)
     }
-    live = model.state_dict()
-    mismatches = []
-    for key in sorted(set(saved) | set(live)):
-        ckpt = _describe_saved(saved[key]) if key in saved else None
-        mine = _describe_tensor(live[key]) if key in live else None
-        if ckpt != mine:
-            mismatches.append(KeyMismatch(key=key, checkpoint=ckpt, model=mine))
+    mismatches = state_mismatches(saved, model.state_dict())
     if mismatches:
         raise CheckpointMismatchError(str(info.path), mismatches)
 
@@ -354,7 +349,7 @@ def load_into_one_process(info: CheckpointInfo, name: str, replica: Replica) -> 
     Raises:
         CheckpointMismatchError: another model (each differing key with both shapes).
     """
-    metadata = dcp.FileSystemReader(str(info.path)).read_metadata()
+    metadata = read_metadata(info.path)
     check_model(info, name, replica.model, metadata)
     saved = metadata.state_dict_metadata
     state: dict[str, Any] = {f"{name}.model": replica.model.state_dict()}
@@ -377,6 +372,6 @@ def load_into_one_process(info: CheckpointInfo, name: str, replica: Replica) -> 
                 else:
                     state[found] = value
     with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=info.path)
+        reading(info.path, lambda: dcp.load(state, checkpoint_id=info.path))
     replica.model.load_state_dict(state[f"{name}.model"])
     return missing

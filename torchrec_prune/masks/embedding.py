@@ -1,28 +1,119 @@
-"""Mask-aware wrapper composed around a TorchRec ``EmbeddingBagCollection`` (SPEC 3).
+"""Mask-aware wrappers composed around TorchRec embedding collections (SPEC 3).
 
-The wrapper holds the EBC as its child ``ebc`` instead of subclassing it: DMP picks sharders by exact
-module type, so the inner EBC keeps its sharder and gets the same per-table plan as the unwrapped model.
-Masks act on the pooled output, which works the same on sharded and unsharded tables.
+A wrapper holds the collection as a child (``ebc`` for pooled ``EmbeddingBagCollection`` and
+``FusedEmbeddingBagCollection``, ``ec`` for sequence ``EmbeddingCollection``) instead of subclassing it:
+DMP picks sharders by exact module type, so the inner collection keeps its sharder and gets the same
+per-table plan as the unwrapped model. Masks act on the collection's output, which works the same on
+sharded and unsharded tables.
+
+A wrapper also loads the state dict of the plain collection it replaced (keys without the child's
+segment and without masks, e.g. a checkpoint written before ``wrap``): the keys are moved under the
+child and the masks load open.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    EmbeddingCollection,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 
-class MaskedEmbeddingBagCollection(nn.Module):
-    """Per-table dimension masks and per-feature gates over an ``EmbeddingBagCollection``'s output.
+class MaskedEmbeddings(nn.Module):
+    """Per-table dimension masks and per-feature gates over one embedding collection (the base of both
+    wrappers; ``inner`` is the wrapped collection, registered under the child name ``inner_name``).
 
     Buffers (in ``state_dict``): ``dim_masks.<table>`` (bool, one entry per embedding column of the
-    table) and ``feature_gate`` (bool, one entry per feature, in the EBC's output key order). A pooled
-    column is kept when both its table's dimension mask and its feature's gate are set.
+    table) and ``feature_gate`` (bool, one entry per feature, in table order). An output column of a
+    feature is kept when both its table's dimension mask and the feature's gate are set.
 
-    Masks are small, so they are created on a real device even when the EBC lives on ``meta``: DMP
-    moves them with the dense part instead of materialising them as zeros.
+    Masks are small, so they are created on a real device even when the collection lives on ``meta``:
+    DMP moves them with the dense part instead of materialising them as zeros.
+
+    Args:
+        inner: the collection to wrap; its parameters are not copied.
+        configs: its table configs (kept here: a DMP-sharded collection no longer has them).
+    """
+
+    inner_name: str
+    weight_prefix: str  # state-dict path of the tables inside the collection
+    feature_gate: torch.Tensor
+
+    def __init__(self, inner: nn.Module, configs: Sequence[BaseEmbeddingConfig]) -> None:
+        super().__init__()
+        self.add_module(self.inner_name, inner)
+        self._configs = list(configs)
+        device = _mask_device(inner)
+        self.dim_masks = nn.Module()
+        self._feature_tables: list[tuple[str, str, int]] = []
+        for config in self._configs:
+            self.dim_masks.register_buffer(
+                config.name, torch.ones(config.embedding_dim, dtype=torch.bool, device=device)
+            )
+            for feature in config.feature_names:
+                self._feature_tables.append((feature, config.name, config.embedding_dim))
+        self.register_buffer(
+            "feature_gate", torch.ones(len(self._feature_tables), dtype=torch.bool, device=device)
+        )
+        self._register_load_state_dict_pre_hook(_load_plain_collection, with_module=True)
+
+    @property
+    def inner(self) -> nn.Module:
+        """The wrapped collection (after DMP: its sharded counterpart)."""
+        return getattr(self, self.inner_name)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [feature for feature, _, _ in self._feature_tables]
+
+    @property
+    def table_names(self) -> list[str]:
+        return [config.name for config in self._configs]
+
+    def table_of(self, feature: str) -> str:
+        for name, table, _ in self._feature_tables:
+            if name == feature:
+                return table
+        raise KeyError(f"{feature!r} is not a feature of this {type(self).__name__}: {self.feature_names}")
+
+    def dim_mask(self, table: str) -> torch.Tensor:
+        if not hasattr(self.dim_masks, table):
+            raise KeyError(f"no table {table!r}; tables: {self.table_names}")
+        return getattr(self.dim_masks, table)
+
+    def weight_key(self, table: str) -> str:
+        """State-dict key of ``table``'s weight relative to the inner collection."""
+        return f"{self.weight_prefix}.{table}.weight"
+
+    def mask_buffers(self) -> dict[str, torch.Tensor]:
+        """Every mask buffer by its state-dict name relative to this module."""
+        masks = {f"dim_masks.{table}": self.dim_mask(table) for table in self.table_names}
+        return {**masks, "feature_gate": self.feature_gate}
+
+    def reset_parameters(self) -> None:
+        """Open every mask (the inner collection initialises its own weights)."""
+        with torch.no_grad():
+            for buf in self.mask_buffers().values():
+                buf.fill_(True)
+
+    def _masks_key(self) -> tuple[int, ...]:
+        # Keyed on versions and identities: a load, prune or grow invalidates derived masks, and the
+        # forward pays no host sync while masks stay put.
+        masks = list(self.mask_buffers().values())
+        return tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+
+
+class MaskedEmbeddingBagCollection(MaskedEmbeddings):
+    """Masks over the pooled output of an ``EmbeddingBagCollection`` (also a subclass of it or a
+    ``FusedEmbeddingBagCollection``), held as child ``ebc``.
 
     Args:
         ebc: the collection to wrap; its parameters are not copied.
@@ -35,58 +126,21 @@ class MaskedEmbeddingBagCollection(nn.Module):
         masked.dim_masks.t0[3] = False  # column 3 of every feature of table t0 is now zero
     """
 
-    feature_gate: torch.Tensor
+    inner_name = "ebc"
+    weight_prefix = "embedding_bags"
+    ebc: EmbeddingBagCollectionInterface
 
-    def __init__(self, ebc: EmbeddingBagCollection) -> None:
-        super().__init__()
-        self.ebc = ebc
-        # Kept here: after DMP, ``ebc`` is a ShardedEmbeddingBagCollection without this method.
-        self._configs: list[EmbeddingBagConfig] = list(ebc.embedding_bag_configs())
-        configs = self._configs
-        device = _mask_device(ebc)
-        self.dim_masks = nn.Module()
-        self._feature_tables: list[tuple[str, str, int]] = []
-        for config in configs:
-            self.dim_masks.register_buffer(
-                config.name, torch.ones(config.embedding_dim, dtype=torch.bool, device=device)
-            )
-            for feature in config.feature_names:
-                self._feature_tables.append((feature, config.name, config.embedding_dim))
-        self.register_buffer(
-            "feature_gate", torch.ones(len(self._feature_tables), dtype=torch.bool, device=device)
-        )
+    def __init__(self, ebc: EmbeddingBagCollectionInterface) -> None:
+        super().__init__(ebc, ebc.embedding_bag_configs())
         self._column_cache: tuple[tuple[int, ...], torch.Tensor | None] | None = None
 
     # TorchRec models read these from the EBC they hold; delegating keeps model code unchanged.
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._configs
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [feature for feature, _, _ in self._feature_tables]
-
-    def table_of(self, feature: str) -> str:
-        for name, table, _ in self._feature_tables:
-            if name == feature:
-                return table
-        raise KeyError(f"{feature!r} is not a feature of this EmbeddingBagCollection: {self.feature_names}")
-
-    def dim_mask(self, table: str) -> torch.Tensor:
-        if not hasattr(self.dim_masks, table):
-            raise KeyError(f"no table {table!r}; tables: {[c.name for c in self.embedding_bag_configs()]}")
-        return getattr(self.dim_masks, table)
-
-    def reset_parameters(self) -> None:
-        """Open every mask (the inner EBC initialises its own weights)."""
-        with torch.no_grad():
-            self.feature_gate.fill_(True)
-            for buf in self.dim_masks.buffers():
-                buf.fill_(True)
+        return self._configs  # type: ignore[return-value]
 
     def column_mask(self) -> torch.Tensor | None:
         """Mask over the concatenated pooled columns, or ``None`` when every column is kept."""
-        masks = [self.feature_gate, *self.dim_masks.buffers()]
-        key = tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+        key = self._masks_key()
         if self._column_cache is None or self._column_cache[0] != key:
             parts = [
                 self.dim_mask(table) & self.feature_gate[i]
@@ -115,7 +169,95 @@ class MaskedEmbeddingBagCollection(nn.Module):
         return [dim for _, _, dim in self._feature_tables]
 
 
-def _mask_device(ebc: nn.Module) -> torch.device:
-    for p in ebc.parameters():
+class MaskedEmbeddingCollection(MaskedEmbeddings):
+    """Masks over the per-id (jagged) output of an ``EmbeddingCollection``, held as child ``ec``.
+
+    Every embedding row a feature returns has its table's closed columns zeroed, and a gated feature
+    returns zeros of the same jagged shape (so sequence models downstream keep their lengths).
+
+    Args:
+        ec: the collection to wrap; its parameters are not copied.
+
+    Example::
+
+        ec = EmbeddingCollection(tables=[EmbeddingConfig(
+            name="t0", embedding_dim=4, num_embeddings=10, feature_names=["f0"])])
+        masked = MaskedEmbeddingCollection(ec)
+        masked.dim_masks.t0[3] = False  # column 3 of every id of feature f0 is now zero
+    """
+
+    inner_name = "ec"
+    weight_prefix = "embeddings"
+    ec: EmbeddingCollection
+
+    def __init__(self, ec: EmbeddingCollection) -> None:
+        super().__init__(ec, ec.embedding_configs())
+        names = [name for table in get_embedding_names_by_table(self._configs) for name in table]
+        # Output keys are embedding names (the feature, or ``feature@table`` for a feature of two tables).
+        self._output_index = {name: i for i, name in enumerate(names)}
+        self._row_cache: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return self._configs  # type: ignore[return-value]
+
+    def row_masks(self) -> list[torch.Tensor | None]:
+        """Per feature (table order), the mask over its embedding columns, ``None`` when all are kept."""
+        key = self._masks_key()
+        if self._row_cache is None or self._row_cache[0] != key:
+            masks = [
+                self.dim_mask(table) & self.feature_gate[i]
+                for i, (_, table, _) in enumerate(self._feature_tables)
+            ]
+            self._row_cache = (key, [None if bool(m.all()) else m for m in masks])
+        return self._row_cache[1]
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        embeddings = self.ec(features)
+        masks = self.row_masks()
+        if all(m is None for m in masks):
+            return embeddings
+        out: dict[str, JaggedTensor] = {}
+        for name, jt in embeddings.items():
+            mask = masks[self._output_index[name]]
+            if mask is None:
+                out[name] = jt
+                continue
+            values = jt.values()
+            out[name] = JaggedTensor(
+                values=values * mask.to(device=values.device, dtype=values.dtype),
+                lengths=jt.lengths(),
+                weights=jt.weights_or_none(),
+            )
+        return out
+
+
+def _load_plain_collection(
+    module: MaskedEmbeddings,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load-state-dict pre-hook: move a plain collection's keys under the child, open missing masks.
+
+    A state dict with none of this wrapper's mask keys but with its collection's keys at the wrapper's
+    own path is one written before ``wrap``: it loads as if the model had never been wrapped.
+    """
+    own = (f"{prefix}{module.inner_name}.", f"{prefix}dim_masks.", f"{prefix}feature_gate")
+    plain = [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]
+    masks = {prefix + name: buf for name, buf in module.mask_buffers().items()}
+    if not plain or any(k in state_dict for k in masks):
+        return
+    for key in plain:
+        state_dict[f"{prefix}{module.inner_name}.{key[len(prefix) :]}"] = state_dict.pop(key)
+    for key, buf in masks.items():
+        state_dict[key] = torch.ones_like(buf)
+
+
+def _mask_device(inner: nn.Module) -> torch.device:
+    for p in inner.parameters():
         return torch.device("cpu") if p.device.type == "meta" else p.device
     return torch.device("cpu")

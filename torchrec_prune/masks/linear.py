@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,9 +12,10 @@ from torch import nn
 class MaskedLinear(nn.Linear):
     """An ``nn.Linear`` whose effective weight is ``W * weight_mask`` with rows gated by ``neuron_mask``.
 
-    It subclasses ``nn.Linear`` so that ``weight``/``bias`` keep their state-dict keys (existing
-    checkpoints load) and code that checks ``isinstance(m, nn.Linear)`` still sees a Linear. Masks are
-    buffers, so they travel in ``state_dict()``, DMP's sharded state dict and DCP checkpoints.
+    It subclasses ``nn.Linear`` so that ``weight``/``bias`` keep their state-dict keys and code that
+    checks ``isinstance(m, nn.Linear)`` still sees a Linear. Masks are buffers, so they travel in
+    ``state_dict()``, DMP's sharded state dict and DCP checkpoints. A plain Linear's state dict (no mask
+    keys, e.g. a checkpoint written before ``wrap``) loads strictly, with every mask open.
 
     When neurons are masked (rows of this layer) or inputs are masked (``input_mask``, set when the
     previous layer's neurons are pruned), the forward gathers the active sub-matrix and runs the smaller
@@ -56,6 +59,7 @@ class MaskedLinear(nn.Linear):
         # weight.grad (= g * mask) hides: with the flag on, backward stores it in ``effective_grad``.
         self.capture_effective_grad = False
         self.effective_grad: torch.Tensor | None = None
+        self._register_load_state_dict_pre_hook(_open_masks_of_plain_linear, with_module=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
@@ -135,3 +139,22 @@ class MaskedLinear(nn.Linear):
     def extra_repr(self) -> str:
         kept = int(self.neuron_mask.sum()) if self.neuron_mask.device.type != "meta" else self.out_features
         return f"{super().extra_repr()}, kept_neurons={kept}"
+
+
+def _open_masks_of_plain_linear(
+    module: MaskedLinear,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load-state-dict pre-hook: a state dict with the weight but none of the masks is a plain Linear's,
+    so its masks load open (one or two masks missing stays an error under ``strict``)."""
+    masks = [prefix + name for name in ("weight_mask", "neuron_mask", "input_mask")]
+    if prefix + "weight" not in state_dict or any(k in state_dict for k in masks):
+        return
+    for key in masks:
+        state_dict[key] = torch.ones_like(getattr(module, key[len(prefix) :]))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
+from torchrec_prune.masks.embedding import MaskedEmbeddings
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import masked_modules
 
@@ -41,8 +41,8 @@ def sparsity_report(model: nn.Module) -> list[LayerSparsity]:
             keep = module.weight_mask & module.neuron_mask.unsqueeze(1) & module.input_mask.unsqueeze(0)
             rows.append(LayerSparsity(fqn, "linear", int(keep.sum()), keep.numel()))
             rows.append(LayerSparsity(fqn, "neurons", int(module.neuron_mask.sum()), module.out_features))
-        elif isinstance(module, MaskedEmbeddingBagCollection):
-            dims = [module.dim_mask(c.name) for c in module.embedding_bag_configs()]
+        elif isinstance(module, MaskedEmbeddings):
+            dims = [module.dim_mask(table) for table in module.table_names]
             kept, total = sum(int(d.sum()) for d in dims), sum(d.numel() for d in dims)
             rows.append(LayerSparsity(fqn, "embedding_dims", kept, total))
             gate = module.feature_gate

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
+from torchrec_prune.masks.embedding import MaskedEmbeddings
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import masked_modules
 from torchrec_prune.train.optimizer_state import reset_state_
@@ -62,28 +62,29 @@ def set_linear_masks_(
     return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
 
 
-def _tables(module: MaskedEmbeddingBagCollection) -> list[str]:
-    # The wrapper's own masks name its tables; a DMP-sharded inner EBC has no embedding_bag_configs().
+def _tables(module: MaskedEmbeddings) -> list[str]:
+    # The wrapper's own masks name its tables; a DMP-sharded inner collection has no configs.
     return [name for name, _ in module.dim_masks.named_buffers()]
 
 
 def embedding_weight_blocks(
-    module: MaskedEmbeddingBagCollection,
+    module: MaskedEmbeddings,
 ) -> Iterator[tuple[str, torch.Tensor, int, torch.nn.Parameter | None]]:
     """Yield ``(table, block, first_column, parameter)`` for every locally held block of table weights.
 
-    Blocks come from the EBC's state dict, whose tensors are views of the live weights (for sharded
-    tables: of the fused kernel's weights). An unsharded or data-parallel table gives its whole weight,
-    with the ``Parameter`` an optimizer holds for it. A DMP-sharded table gives one block per local
-    shard of its ``ShardedTensor``, at the shard's column offset, with ``parameter`` ``None`` (its
-    optimizer is fused); a rank that holds no shard of a table gets nothing for it.
+    Blocks come from the collection's state dict, whose tensors are views of the live weights (for
+    sharded tables and a ``FusedEmbeddingBagCollection``: of the fused kernel's weights). An unsharded
+    or data-parallel table gives its whole weight, with the ``Parameter`` an optimizer holds for it. A
+    DMP-sharded table gives one block per local shard of its ``ShardedTensor``, at the shard's column
+    offset, with ``parameter`` ``None`` (its optimizer is fused); a rank that holds no shard of a table
+    gets nothing for it.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    params = dict(module.ebc.named_parameters())
-    state = module.ebc.state_dict(keep_vars=True)
+    params = dict(module.inner.named_parameters())
+    state = module.inner.state_dict(keep_vars=True)
     for table in _tables(module):
-        key = f"embedding_bags.{table}.weight"
+        key = module.weight_key(table)
         weight = state.get(key)
         if isinstance(weight, ShardedTensor):
             for shard in weight.local_shards():
@@ -92,33 +93,39 @@ def embedding_weight_blocks(
             yield table, weight, 0, params.get(key)
 
 
-def fused_state_blocks(module: MaskedEmbeddingBagCollection) -> Iterator[tuple[str, str, torch.Tensor, int]]:
+def fused_state_blocks(module: MaskedEmbeddings) -> Iterator[tuple[str, str, torch.Tensor, int]]:
     """Yield ``(table, state_name, block, first_column)`` for the fused optimizer's per-element state.
 
     Only state with one value per weight element (exact Adagrad's sum, Adam's moments) has columns;
     per-row state (row-wise Adagrad) and per-table scalars are not yielded. Blocks are the local shards
-    of the fused optimizer's ``ShardedTensor`` state, views of the kernel's live state.
+    of a sharded collection's ``ShardedTensor`` state, or the whole state tensor of an unsharded
+    ``FusedEmbeddingBagCollection``: views of the kernel's live state either way.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    fused = getattr(module.ebc, "fused_optimizer", None)
+    fused = getattr(module.inner, "fused_optimizer", None)
+    if callable(fused):  # FusedEmbeddingBagCollection has a method where sharded modules have a property
+        fused = fused()
     if fused is None:
         return
     tables = set(_tables(module))
     for key, param in fused.params.items():
-        table = key.rpartition("embedding_bags.")[2].removesuffix(".weight")
+        table = key.rpartition(f"{module.weight_prefix}.")[2].removesuffix(".weight")
         if table not in tables:
             continue
         for state_name, value in fused.state.get(param, {}).items():
-            if not isinstance(value, ShardedTensor) or len(value.size()) != 2:
+            if not isinstance(value, torch.Tensor) or len(value.size()) != 2:
                 continue
-            for shard in value.local_shards():
-                yield table, state_name, shard.tensor, int(shard.metadata.shard_offsets[1])
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    yield table, state_name, shard.tensor, int(shard.metadata.shard_offsets[1])
+            else:
+                yield table, state_name, value, 0
 
 
 @torch.no_grad()
 def set_embedding_masks_(
-    module: MaskedEmbeddingBagCollection,
+    module: MaskedEmbeddings,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     *,
     name: str = "MaskedEmbeddingBagCollection",
@@ -154,7 +161,7 @@ def set_embedding_masks_(
     # UVM-caching kernels serve lookups from rows cached in HBM, not from the weights written above:
     # drop the cache (state_dict() flushed it first) so the next lookup reads the zeros. A no-op for
     # kernels without a cache.
-    for lookup in getattr(module.ebc, "_lookups", ()):
+    for lookup in getattr(module.inner, "_lookups", ()):
         getattr(lookup, "module", lookup).purge()
     closed = sum(int((old & ~module.dim_mask(t)).sum()) for t, old in before.items())
     opened = sum(int((~old & module.dim_mask(t)).sum()) for t, old in before.items())
@@ -164,11 +171,11 @@ def set_embedding_masks_(
 def set_masks_(
     module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
 ) -> tuple[int, int]:
-    """Dispatch to the Linear or EBC variant; returns (#closed, #re-opened)."""
+    """Dispatch to the Linear or embedding variant; returns (#closed, #re-opened)."""
     label = name or type(module).__name__
     if isinstance(module, MaskedLinear):
         return set_linear_masks_(module, optimizers, name=label, **masks)
-    if isinstance(module, MaskedEmbeddingBagCollection):
+    if isinstance(module, MaskedEmbeddings):
         return set_embedding_masks_(module, optimizers, name=label, **masks)
     raise TypeError(
         f"{label}: {type(module).__name__} is not mask-aware; call torchrec_prune.wrap(model) first"
@@ -234,8 +241,8 @@ def _unflat(flat: Mapping[str, torch.Tensor]) -> dict[str, object]:
 
 
 def _current(module: nn.Module, key: str) -> torch.Tensor:
-    if key.startswith("dim_masks.") and isinstance(module, MaskedEmbeddingBagCollection):
+    if key.startswith("dim_masks.") and isinstance(module, MaskedEmbeddings):
         return module.dim_mask(key.split(".", 1)[1])
-    if isinstance(module, (MaskedLinear, MaskedEmbeddingBagCollection)) and hasattr(module, key):
+    if isinstance(module, (MaskedLinear, MaskedEmbeddings)) and hasattr(module, key):
         return getattr(module, key)
     raise ValueError(f"{type(module).__name__} has no mask {key!r}")

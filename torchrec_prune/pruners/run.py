@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from torchrec_prune.data.stream import Increment, Stream
@@ -43,7 +44,7 @@ from torchrec_prune.importance.weight import check_weights
 from torchrec_prune.masks import wrap
 from torchrec_prune.masks.report import LayerSparsity, format_report, sparsity_report
 from torchrec_prune.metrics.window import WindowRecord
-from torchrec_prune.metrics.writer import MetricsWriter
+from torchrec_prune.metrics.writer import MetricsWriter, write_text_atomic
 from torchrec_prune.models import build_dlrm
 from torchrec_prune.numerics import enable_ftz_daz
 from torchrec_prune.plots import plot_window_metric
@@ -55,9 +56,14 @@ from torchrec_prune.pruners.schedules import check_steps
 from torchrec_prune.pruners.structured import NeuronPruner, StructuredConfig, check_beta
 from torchrec_prune.pruners.targets import Targets
 from torchrec_prune.train.flops import FlopsTotals
-from torchrec_prune.train.job import JobConfig, make_stream, model_config_for
+from torchrec_prune.train.job import RUN_MARKERS, JobConfig, make_stream, model_config_for
 from torchrec_prune.train.replica import Replica
-from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, make_optimizer
+from torchrec_prune.train.trainer import (
+    IncrementalTrainer,
+    TrainConfig,
+    default_forward,
+    make_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 METHODS = ("aux", "mp", "tp", "mop", "taylor-neuron")
@@ -227,6 +233,7 @@ def prune_and_train(
     writer: MetricsWriter | None = None,
     device: torch.device | str = "cpu",
     desc: str | None = None,
+    forward_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] = default_forward,
 ) -> PruneResult:
     """Prune ``model`` on rows ``[start_row, start_row + prune.prune_rows)``, freeze the mask, and train on
     with it to ``stop_row`` (default: the end of the stream). ``prune=None`` trains the dense model on the
@@ -244,6 +251,7 @@ def prune_and_train(
         writer: receives every closed window.
         device: where batches go.
         desc: label of the progress bar (shown when ``train.progress``).
+        forward_fn: ``(model, batch) -> (loss, logits)`` for models that are not ``DLRMTrain``-style.
 
     Raises:
         ValueError: the rows do not fit in the stream.
@@ -271,6 +279,7 @@ def prune_and_train(
         hooks=[pruner] if pruner is not None else [],
         writer=writer,
         device=device,
+        forward_fn=forward_fn,
     )
     if pruner is None:
         stretches = [(start_row, stop, "dense")]
@@ -439,11 +448,25 @@ class PreparedPruneJob:
 def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
     """Open the stream, check the rows fit, build the wrapped DLRM and load the checkpoint into it.
 
+    The job's run folder must not overlap the run folder the checkpoint belongs to (the nearest of the
+    checkpoint and the two folders above it holding ``config.json`` or ``summary.json``; else the
+    checkpoint itself): writing ``checkpoint/`` or ``config.json`` there would replace the trained model
+    it starts from, or mix two runs.
+
     Raises:
         FileNotFoundError: no stream file or no checkpoint at the path.
-        ValueError: the rows do not fit the stream, or the checkpoint's keys or shapes differ from the
-            model's (one line naming the first differences).
+        ValueError: the rows do not fit the stream, the checkpoint's keys or shapes differ from the
+            model's (one line naming the first differences), the checkpoint is torn or corrupt
+            (``CorruptCheckpointError``), or the run folder overlaps the checkpoint's.
     """
+    checkpoint, target = Path(config.checkpoint).resolve(), Path(config.job.run_dir).resolve()
+    folders = (checkpoint, checkpoint.parent, checkpoint.parent.parent)
+    source = next((f for f in folders if any((f / m).is_file() for m in RUN_MARKERS)), checkpoint)
+    if source.is_relative_to(target) or target.is_relative_to(source):
+        raise ValueError(
+            f"--run-dir {config.job.run_dir!r} overlaps the folder of --checkpoint {config.checkpoint!r}: "
+            "the pruned run would write over the model it starts from; give another --run-dir"
+        )
     run_checkpoint = find_run_checkpoint(config.checkpoint)
     if run_checkpoint is None:
         read_metadata(config.checkpoint)  # a missing checkpoint fails before the stream is read
@@ -502,7 +525,7 @@ def run_prune_job(prepared: PreparedPruneJob) -> tuple[PruneResult, str]:
     config = prepared.config
     run_dir = Path(config.job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_text_atomic(run_dir / "config.json", json.dumps(asdict(config), indent=2))
     with MetricsWriter(run_dir) as writer:
         result = prune_and_train(
             prepared.model,
@@ -533,7 +556,7 @@ def run_prune_job(prepared: PreparedPruneJob) -> tuple[PruneResult, str]:
         "effective_training_flops": result.flops.effective,
         "dense_training_flops": result.flops.dense,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     plot_window_metric(
         {config.prune.label: records}, run_dir / "window_ce.png", title=f"{config.job.data}: pruned model"
     )

@@ -19,12 +19,14 @@ shows its real (not only counted) saving.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torchrec.datasets.utils import Batch
 
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.importance.neuron import NeuronTaylor
@@ -40,6 +42,7 @@ from torchrec_prune.train.trainer import (
     IncrementalTrainer,
     RunResult,
     TrainConfig,
+    default_forward,
     make_optimizer,
 )
 
@@ -337,8 +340,25 @@ def run_grow_prune(
     *,
     writer: MetricsWriter | None = None,
     device: torch.device | str = "cpu",
+    forward_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] = default_forward,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
 ) -> GrowPruneResult:
     """Train ``model`` once over ``stream`` under ``config.plan``; ``PhasePlan.dense()`` is the reference.
+
+    Under a process group every rank calls it with its part of the model (DMP-sharded or replicated):
+    phase bounds are laid out over the global batches of all ranks, as the trainer reads them.
+
+    Args:
+        model: the wrapped model.
+        stream: any ``Stream`` (e.g. a ``BatchStream`` over your own batches).
+        train: loop settings.
+        config: plan, beta, importance window.
+        writer: receives every closed window.
+        device: where batches go.
+        forward_fn: ``(model, batch) -> (loss, logits)`` for models that are not ``DLRMTrain``-style.
+        optimizers: optimizers to step and to reset on prune/grow (under DMP: the dense optimizer from
+            ``shard``; the fused table optimizer steps inside the backward); default: one built from
+            ``train`` over all parameters.
 
     Example::
 
@@ -346,15 +366,19 @@ def run_grow_prune(
                                 GrowPruneConfig(PhasePlan.every(0.2), beta=0.7))
         result.run.flops.saving, result.kind_seconds_per_step("sparse")
     """
-    optimizer = make_optimizer(model.parameters(), train)
-    schedule = GrowPruneSchedule(model, config, [optimizer], num_rows=stream.num_rows, train=train)
+    optimizers = list(optimizers) if optimizers is not None else [make_optimizer(model.parameters(), train)]
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    schedule = GrowPruneSchedule(
+        model, config, optimizers, num_rows=stream.num_rows, train=train, world_size=world_size
+    )
     trainer = IncrementalTrainer(
         model,
         train,
-        optimizers=[optimizer],
+        optimizers=optimizers,
         hooks=[schedule],
         writer=writer,
         device=device,
+        forward_fn=forward_fn,
     )
     run = trainer.run(stream)
     return GrowPruneResult(config.plan.name, run, schedule.phases, trainer.flops.phase_totals())

@@ -9,6 +9,11 @@ With ``resume="auto"`` a job whose run folder holds a complete run checkpoint co
 one: same weights, masks, optimizer state, hook state, look-ahead window and stream position, so the
 result equals an uninterrupted run's. That is what makes ``torchrun --max-restarts`` useful: the
 restarted ranks run the same command and pick up where the group stopped.
+
+Nothing already trained is lost: ``prepare_job`` refuses a run folder that holds another run
+(``check_run_dir``), files are replaced by one rename, a loss or model that turns non-finite stops the
+run before anything is saved (``NonFiniteError`` names the last good run checkpoint, left as it was), and
+under torchrun a rank that stops answering ends the job after ``timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,8 +34,8 @@ import torch.distributed as dist
 
 from torchrec_prune.data import open_stream
 from torchrec_prune.data.stream import Stream
-from torchrec_prune.distributed.checkpoint import save_checkpoint
-from torchrec_prune.distributed.dmp import ShardingConfig, init_distributed, shard
+from torchrec_prune.distributed.checkpoint import check_files, save_checkpoint
+from torchrec_prune.distributed.dmp import ShardingConfig, init_distributed, shard, start_heartbeat
 from torchrec_prune.distributed.run_checkpoint import (
     CheckpointInfo,
     RunCheckpointer,
@@ -36,20 +43,28 @@ from torchrec_prune.distributed.run_checkpoint import (
     check_world_size,
 )
 from torchrec_prune.masks import wrap
-from torchrec_prune.metrics.writer import MetricsWriter
+from torchrec_prune.metrics.writer import MetricsWriter, write_text_atomic
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
 from torchrec_prune.plots import plot_window_metric
 from torchrec_prune.train.hooks import TrainHook
 from torchrec_prune.train.replica import Replica
-from torchrec_prune.train.trainer import IncrementalTrainer, RunResult, TrainConfig, make_optimizer
+from torchrec_prune.train.trainer import (
+    IncrementalTrainer,
+    NonFiniteError,
+    RunResult,
+    TrainConfig,
+    make_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 RESUME_MODES = ("auto", "never")
 # Settings that may change between a run and its resumption: they do not alter what is computed.
 RESUMABLE_CHANGES = frozenset(
-    {"train.progress", "resume", "checkpoint", "checkpoint_every", "keep_checkpoints", "run_dir"}
+    {"train.progress", "resume", "checkpoint", "checkpoint_every", "keep_checkpoints", "run_dir", "timeout"}
 )
+# Files that say a folder is a run folder (every command writes one of them).
+RUN_MARKERS = ("config.json", "summary.json")
 
 
 @dataclass
@@ -71,6 +86,8 @@ class JobConfig:
         resume: ``auto`` continues from the newest complete run checkpoint of ``run_dir`` (or starts
             when there is none); ``never`` starts over (earlier run checkpoints are deleted as new ones
             are written).
+        timeout: seconds a collective waits for the other ranks before the job ends naming the ranks
+            that stopped answering (the process group's timeout; > 0).
     """
 
     data: str = "synthetic"
@@ -84,14 +101,15 @@ class JobConfig:
     checkpoint_every: int = 100_000
     keep_checkpoints: int = 2
     resume: str = "auto"
+    timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rows, int) or self.rows < 0:
             raise ValueError(f"JobConfig.rows must be an integer >= 0 (0 = whole file), got {self.rows!r}")
         if self.data == "synthetic" and self.rows < 1:
             raise ValueError("JobConfig.rows must be >= 1 for the synthetic stream")
-        if not self.drift >= 0:
-            raise ValueError(f"JobConfig.drift must be >= 0, got {self.drift!r}")
+        if not 0 <= self.drift < math.inf:
+            raise ValueError(f"JobConfig.drift (--drift) must be a finite number >= 0, got {self.drift!r}")
         every = self.checkpoint_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"--checkpoint-every must be an integer >= 0 rows (0 = off), got {every!r}")
@@ -105,6 +123,8 @@ class JobConfig:
             raise ValueError(f"--keep-checkpoints must be an integer >= 1, got {keep!r}")
         if self.resume not in RESUME_MODES:
             raise ValueError(f"--resume must be one of {'|'.join(RESUME_MODES)}, got {self.resume!r}")
+        if not 0 < self.timeout < math.inf:
+            raise ValueError(f"--timeout must be a finite number of seconds > 0, got {self.timeout!r}")
 
 
 def make_stream(config: JobConfig) -> Stream:
@@ -153,23 +173,114 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _first_difference(saved: dict, config: dict) -> tuple[str, object, object] | None:
+    """The first setting (but ``RESUMABLE_CHANGES``) whose saved and current values differ."""
+    saved = _flatten(saved)
+    current = _flatten(json.loads(json.dumps(config)))  # same JSON types as the saved settings
+    for key in sorted(set(saved) | set(current)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            return key, current.get(key), saved.get(key)
+    return None
+
+
 def check_resume_config(info: CheckpointInfo, config: dict) -> None:
     """Refuse to resume a run under settings that differ from those it was started with.
 
     Raises:
         ValueError: naming the first differing setting and both values.
     """
-    saved = _flatten(info.manifest.get("config", {}))
-    current = _flatten(json.loads(json.dumps(config)))  # same JSON types as the manifest
-    for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CHANGES or saved.get(key) == current.get(key):
-            continue
+    difference = _first_difference(info.manifest.get("config", {}), config)
+    if difference is not None:
+        key, current, saved = difference
         flag = "--" + key.rpartition(".")[2].replace("_", "-")
         raise ValueError(
-            f"{flag} ({key}) is {current.get(key)!r} on the command line but {saved.get(key)!r} in the run "
+            f"{flag} ({key}) is {current!r} on the command line but {saved!r} in the run "
             f"checkpoint {str(info.path)!r}: resume with the run's settings, or start over with "
-            "--resume never (or another --run-dir)"
+            "--overwrite (or another --run-dir)"
         )
+
+
+def _is_scratch(path: Path) -> bool:
+    """Logs (ours, or a job log written beside them) and temporary files: not results of a run."""
+    name = path.name
+    our_log = name.startswith("log") and name.endswith(".txt")
+    return name.startswith(".tmp-") or path.suffix == ".log" or our_log
+
+
+def check_run_dir(run_dir: str | Path, settings: dict, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse a ``--run-dir`` this command cannot write, or whose contents it would clobber.
+
+    A run folder is written without ``--overwrite`` when it is absent or empty, when the command resumes
+    from its run checkpoint (the intended way to run a command again; ``prepare_job`` checked the model
+    and settings), or when its ``config.json`` records these very settings and it holds no result yet (the
+    same run cut short before its first run checkpoint: it is recomputed exactly, so nothing is lost).
+    Anything else would mix or destroy results and needs ``--overwrite``: another run's files, a
+    finished run (``summary.json``) without a run checkpoint to resume, or run checkpoints that
+    ``--resume never`` would delete. ``--overwrite`` replaces a run folder but never a folder that no run
+    wrote (no ``RUN_MARKERS``): it would delete whatever else the folder holds.
+
+    Raises:
+        NotADirectoryError: the path (or a folder above it) is a file.
+        PermissionError: the folder, or the nearest existing folder above it, is not writable.
+        ValueError: the folder holds another run, or files of no run (with ``--overwrite``).
+    """
+    path = Path(run_dir)
+    check_writable(path)
+    if not path.is_dir() or resuming:
+        return
+    content = sorted(p.name for p in path.iterdir() if not _is_scratch(p))
+    if not content:
+        return
+    listed = ", ".join(content[:4]) + (", ..." if len(content) > 4 else "")
+    if overwrite:
+        if not any(name in RUN_MARKERS for name in content):
+            raise ValueError(
+                f"--run-dir {str(path)!r} is not a run folder (it holds {listed}): --overwrite only "
+                "replaces a folder a run wrote; give another --run-dir"
+            )
+        return
+    config = path / "config.json"
+    finished = (path / "summary.json").exists() or RunCheckpointer(path / "checkpoints").latest() is not None
+    if config.is_file() and not finished and _same_settings(config, settings):
+        return
+    raise ValueError(
+        f"--run-dir {str(path)!r} already holds a run ({listed}) that this command would not resume: "
+        "give another --run-dir, or --overwrite to replace it"
+    )
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Raise unless ``run_dir`` is a folder, or can be made one, that this process can write.
+
+    Raises:
+        NotADirectoryError: the path (or a folder above it) is a file.
+        PermissionError: the folder, or the nearest existing folder above it, is not writable.
+    """
+    path = Path(run_dir)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--run-dir {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--run-dir {str(path)!r}: {str(existing)!r} is not writable")
+
+
+def _same_settings(config: Path, settings: dict) -> bool:
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and _first_difference(saved, settings) is None
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """Delete what a run folder holds (``--overwrite``, after ``check_run_dir`` let it)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 @dataclass
@@ -200,23 +311,36 @@ def prepare_job(
     extra: dict | None = None,
     world_size: int = 1,
     replica: str = "model",
+    overwrite: bool = False,
 ) -> PreparedJob:
-    """Open the stream and check a resume against the run folder, before anything is built or trained.
+    """Open the stream and check the run folder and a resume from it, before anything is built or trained.
 
     A resume is checked three ways: the checkpoint's model (the replica named ``replica``) has this job's
     keys and shapes (checked on a ``meta`` model), the settings equal the run's (but for
-    ``RESUMABLE_CHANGES``), and the world size is the one it was written with.
+    ``RESUMABLE_CHANGES``), and the world size is the one it was written with. The checkpoint's files
+    must also be whole (``check_files``). With ``overwrite`` the folder's run is to be replaced, so it is
+    not resumed. Whether the folder may be written at all is the command's call (``check_run_dir``):
+    the library lets ``resume="never"`` start over in a folder that holds run checkpoints.
 
     Raises:
         CheckpointMismatchError: another model (each differing key with both shapes).
-        ValueError: a conflicting setting (named, with both values) or another world size.
+        CorruptCheckpointError: the newest run checkpoint is torn or unreadable.
+        ValueError: a conflicting setting (named, with both values), another world size, an increment
+            smaller than a global batch.
     """
+    loop = config.train
+    if loop.increment_rows < loop.batch_size * world_size:
+        raise ValueError(
+            f"--increment-rows ({loop.increment_rows}) must be >= --batch-size x ranks "
+            f"({loop.batch_size} x {world_size} = {loop.batch_size * world_size})"
+        )
     stream = stream or make_stream(config)
     settings = {**asdict(config), **(extra or {})}
     prepared = PreparedJob(config, stream, settings, None)
-    if config.resume == "auto":
+    if config.resume == "auto" and not overwrite:
         info = prepared.checkpointer.latest()
         if info is not None:
+            check_files(info.path)
             check_model(
                 info, replica, wrap(build_dlrm(model_config_for(stream, config.model), device="meta"))
             )
@@ -233,10 +357,16 @@ def job_position(trainer: IncrementalTrainer, num_rows: int) -> int:
     return min(num_rows, increment * train.increment_rows + batches * train.batch_size * trainer.world_size)
 
 
-def job_device() -> torch.device:
-    """Join the torchrun process group when there is one (``WORLD_SIZE`` > 1); this rank's device."""
+def job_device(timeout: float | None = None) -> torch.device:
+    """Join the torchrun process group when there is one (``WORLD_SIZE`` > 1); this rank's device.
+
+    ``timeout``: seconds a collective waits for the other ranks (default: torch's); every rank also
+    starts a heartbeat, so the rank that times out can name the ranks that stopped answering.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return init_distributed()
+        device = init_distributed(timeout=None if timeout is None else timedelta(seconds=timeout))
+        start_heartbeat()
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -276,7 +406,7 @@ def run_job(
         else prepare_job(config, stream, extra=extra, world_size=world_size)
     )
     config, stream = prepared.config, prepared.stream
-    device = job_device()
+    device = job_device(config.timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     run_dir = Path(config.run_dir)
     replica = build_replica(prepared, device)
@@ -287,6 +417,9 @@ def run_job(
         position = job_position(trainer, stream.num_rows)
         if position == stream.num_rows and not final:
             return  # the end of the stream: saved once, after the last window is flushed
+        bad = non_finite_key(replica.model)
+        if bad is not None:
+            raise NonFiniteError(f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}")
         started = time.perf_counter()
         path = checkpointer.save(position, {"model": replica}, trainer.state_dict(), manifest)
         trainer.result.checkpoint_seconds += time.perf_counter() - started
@@ -319,13 +452,15 @@ def run_job(
         )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(prepared.settings, indent=2))
-        trainer.writer = MetricsWriter(run_dir)
-        trainer.writer.write_all(trainer.result.records)  # a resumed series continues without a gap
+        write_text_atomic(run_dir / "config.json", json.dumps(prepared.settings, indent=2))
+        # a resumed series continues without a gap
+        trainer.writer = MetricsWriter(run_dir, trainer.result.records)
     start = time.perf_counter()
     try:
         result = trainer.run(stream)
         result.wall_seconds = time.perf_counter() - start
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}{_kept(checkpointer)}") from None
     finally:
         if trainer.writer is not None:
             trainer.writer.close()
@@ -335,9 +470,30 @@ def run_job(
         save_checkpoint(replica.model, run_dir / "checkpoint")
     if rank == 0:
         summary = summarize(result, stream, trainer.model)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_window_metric({"model": result.records}, run_dir / "window_ce.png", title=config.data)
     return result
+
+
+def _kept(checkpointer: RunCheckpointer) -> str:
+    last = checkpointer.latest()
+    if last is None:
+        return "; no run checkpoint was written before it, nothing was saved"
+    return f"; nothing was saved: the last good run checkpoint {str(last.path)!r} is kept as it was"
+
+
+def non_finite_key(model: torch.nn.Module) -> str | None:
+    """The first state-dict entry of ``model`` (this rank's shards) holding NaN or inf, or ``None``."""
+    for key, value in model.state_dict().items():
+        if hasattr(value, "local_shards"):  # ShardedTensor: this rank's shards
+            tensors = [shard.tensor for shard in value.local_shards()]
+        else:
+            tensors = [value.to_local() if hasattr(value, "to_local") else value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                if not bool(torch.isfinite(tensor).all()):
+                    return key
+    return None
 
 
 def summarize(result: RunResult, stream: Stream, model: torch.nn.Module) -> dict:

@@ -12,6 +12,10 @@ trains on exactly the batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import logging
+import math
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,7 +33,13 @@ from torchrec_prune.train.flops import FlopsMeter, FlopsTotals
 from torchrec_prune.train.hooks import StepContext, TrainHook
 from torchrec_prune.train.rng import rng_state, set_rng_state
 
+logger = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adagrad")
+PROGRESS_SECONDS = 30.0  # one progress line this often when stderr is not a terminal
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the model became NaN or inf: training stopped before anything more was saved."""
 
 
 @dataclass
@@ -45,7 +55,8 @@ class TrainConfig:
         momentum: SGD momentum.
         window: look-ahead window size in global samples.
         increment_rows: rows per increment (a chunk of the stream; hooks fire at each boundary).
-        progress: show a tqdm bar (rank 0 only).
+        progress: show progress (rank 0 only): a tqdm bar on a terminal, else a logged line every
+            ``PROGRESS_SECONDS`` (a bar redrawn into a log file is megabytes of noise).
     """
 
     batch_size: int = 128
@@ -61,12 +72,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
-        if not (self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr (--lr) must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(
+                f"TrainConfig.momentum (--momentum) applies to --optimizer sgd only, not {self.optimizer!r}"
+            )
 
 
 def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -220,6 +235,11 @@ class IncrementalTrainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_fn(self.model, batch)
+        if not math.isfinite(loss.item()):  # before backward: the step that would spread it never runs
+            raise NonFiniteError(
+                f"loss is {loss.item()} at step {self.ctx.step}, look-ahead window {len(self.result.records)}"
+                f" (stream row {self.ctx.position}): lower --lr"
+            )
         closed = self.window.update(logits, batch.labels)
         loss.backward()
         self.ctx.loss = loss.detach()
@@ -274,6 +294,8 @@ class IncrementalTrainer:
                 self._bar.update(min(global_batch, end - batch_start))
                 if closed:
                     self._bar.set_postfix(ce=f"{closed[-1].ce:.4f}", ne=f"{closed[-1].ne:.3f}")
+            if self._log_at is not None and time.monotonic() >= self._log_at:
+                self._log_progress(min(end, batch_start + global_batch))
             if i + 1 < total:
                 self._maybe_checkpoint(start + (i + 1) * global_batch)
         for hook in self.hooks:
@@ -293,14 +315,17 @@ class IncrementalTrainer:
     def run(self, stream: Stream) -> RunResult:
         """One pass over ``stream``, in increments."""
         show = self.config.progress and self.rank == 0
+        terminal = sys.stderr.isatty()
         first, skip = self._resume_at
         done = min(stream.num_rows, first * self.config.increment_rows)
+        self._total = stream.num_rows
+        self._log_at = time.monotonic() + PROGRESS_SECONDS if show and not terminal else None
         self._bar = tqdm(
             total=stream.num_rows,
             initial=done,
             unit="rows",
             desc="train",
-            disable=not show,
+            disable=not (show and terminal),
             dynamic_ncols=True,
         )
         try:
@@ -322,6 +347,14 @@ class IncrementalTrainer:
         return self.result
 
     _bar: tqdm | None = None
+    _log_at: float | None = None  # when the next progress line is due (None: no progress lines)
+    _total = 0
+
+    def _log_progress(self, done: int) -> None:
+        self._log_at = time.monotonic() + PROGRESS_SECONDS
+        last = self.result.records[-1] if self.result.records else None
+        tail = f", last window CE {last.ce:.4f}" if last is not None else ""
+        logger.info("train: row %d of %d (%.0f%%)%s", done, self._total, 100 * done / self._total, tail)
 
     def _record(self, closed: list[WindowRecord]) -> None:
         self.result.records += closed
