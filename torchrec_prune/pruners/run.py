@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -287,7 +288,12 @@ def prune_and_train(
         stretches = [(start_row, prune_stop, "prune"), (prune_stop, stop, "sparse")]
     records: list[WindowRecord] = []
     started = time.perf_counter()
-    bar = tqdm(total=stop - start_row, unit="rows", desc=desc or "train", disable=not train.progress)
+    bar = tqdm(
+        total=stop - start_row,
+        unit="rows",
+        desc=desc or "train",
+        disable=not train.progress or not sys.stderr.isatty(),  # a bar redrawn into a log file is noise
+    )
     index = 0
     try:
         for first, last, phase in stretches:

@@ -30,6 +30,7 @@ rank idles while another job runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -718,7 +719,7 @@ class D2SController:
             total=len(self.increments),
             desc="d2s",
             unit="increment",
-            disable=not self.train.progress or self.rank != 0,
+            disable=not self.train.progress or self.rank != 0 or not sys.stderr.isatty(),
             dynamic_ncols=True,
         ):
             k = increment.index

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from torchrec_prune.distributed.checkpoint import save_checkpoint
+from torchrec_prune.metrics.writer import write_text_atomic
 from torchrec_prune.models import build_dlrm
 from torchrec_prune.numerics import enable_ftz_daz
 from torchrec_prune.schedules.d2s import D2SConfig, D2SController, D2SResult
@@ -75,7 +76,7 @@ def run_grow_prune_job(prepared: PreparedJob, config: GrowPruneConfig) -> str:
     if not dist.is_initialized() or dist.get_rank() == 0:
         phases = [phase.summary() for phase in schedule.phases]
         out = {"plan": config.plan.name, "beta": config.beta, "phases": phases}
-        (Path(prepared.config.run_dir) / "phases.json").write_text(json.dumps(out, indent=2))
+        write_text_atomic(Path(prepared.config.run_dir) / "phases.json", json.dumps(out, indent=2))
     saving = result.flops.saving
     return (
         f"{config.plan.name} (beta {config.beta:g}): {len(schedule.phases)} phases, training FLOPs "
@@ -176,10 +177,10 @@ def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
     table = format_table(d2s_rows(result))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(prepared.settings, indent=2))
+        write_text_atomic(run_dir / "config.json", json.dumps(prepared.settings, indent=2))
         result.write(run_dir)
         summary = d2s_summary(result)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         runs = {name: line.records for name, line in result.lines.items()}
         plot_relative_ce(runs, result.dense, run_dir / "relative_ce.png", title="D2S serving vs dense")
     main = result.lines[config.lines[0]]
