@@ -27,6 +27,8 @@ $(STAMP): setup.py Makefile
 
 demo: install
 	$(VENV)/bin/torchrec-prune demo $(DEMO_ARGS)
+	$(VENV)/bin/torchrec-prune ray-train --schedule alternate --trainers 2 --servers 2 --rows 20000 \
+		--increment-rows 5000 --window 2000 --no-progress --run-dir runs/demo/ray
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -1,4 +1,4 @@
-"""``torchrec-prune``: command-line entry point (train, grow-prune, d2s, prune, demo).
+"""``torchrec-prune``: command-line entry point (train, grow-prune, d2s, prune, demo, ray-train).
 
 Bad input (unknown flags, bad paths, out-of-range or non-finite values, flags that do not apply, data
 files without valid rows, a torn checkpoint, a run folder holding another run or whose checkpoint another
@@ -433,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_args(demo, rows=60_000, window=3_000, increment_rows=10_000)
     demo.add_argument("--run-dir", default="runs/demo")
     demo.set_defaults(func=_cmd_demo)
+
+    from torchrec_prune.distributed.ps.cli import add_ray_train_parser  # it imports this module's helpers
+
+    add_ray_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,186 @@
+"""Ray actor shells around ``ShardState`` and ``PSTrainer``: FTZ/DAZ, thread count, and delegation.
+
+Each actor sets its intra-op thread count, then FTZ/DAZ on its own thread and every intra-op worker
+(``enable_ftz_daz``), before it builds anything; ``ftz_probe`` lets a test check that from inside.
+
+An actor is a process that imports torch and torchrec (about 7 s of CPU here), so actors are long-lived:
+``start`` builds a fresh library object for each run and an ``ActorPool`` hands the same actors to
+consecutive runs (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchrec_prune.distributed.ps.config import PSConfig
+from torchrec_prune.distributed.ps.layout import ParamLayout
+from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest
+from torchrec_prune.distributed.ps.server import ShardState
+from torchrec_prune.distributed.ps.trainer import ChunkReport, PSTrainer
+from torchrec_prune.numerics import enable_ftz_daz
+from torchrec_prune.train.job import JobConfig
+from torchrec_prune.train.trainer import TrainConfig
+
+
+def _numerics(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.ones(1_000_000).mul(2).sum()  # start the intra-op team, so FTZ/DAZ reaches existing workers
+    if not enable_ftz_daz():
+        raise RuntimeError("this CPU does not support flush-to-zero / denormals-are-zero")
+
+
+def ftz_probe() -> dict[str, int]:
+    """Denormal-producing arithmetic on every intra-op thread: nonzero counts must be 0 under FTZ/DAZ."""
+    tiny = torch.full((4_000_000,), 1e-30)
+    a = torch.full((256, 256), 1e-20)
+    return {
+        "threads": torch.get_num_threads(),
+        "elementwise_nonzero": int(torch.count_nonzero(tiny * 1e-10)),  # 1e-40: denormal in float32
+        "matmul_nonzero": int(torch.count_nonzero(a @ a)),
+    }
+
+
+class RayShards:
+    """``ShardClients`` over Ray actor handles: one request per shard, sent together, then awaited."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def pull(self, requests: dict[int, PullRequest]) -> dict[int, PullReply]:
+        import ray
+
+        refs = {s: self.handles[s].pull.remote(r) for s, r in requests.items()}
+        return dict(zip(refs, ray.get(list(refs.values())), strict=True))
+
+    def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]:
+        import ray
+
+        refs = {s: self.handles[s].push.remote(r) for s, r in requests.items()}
+        return dict(zip(refs, ray.get(list(refs.values())), strict=True))
+
+
+class ServerActor:
+    """A server shard as a Ray actor (one thread: pushes apply in arrival order)."""
+
+    def __init__(self, threads: int = 1) -> None:
+        _numerics(threads)
+        self.state: ShardState | None = None
+
+    def start(
+        self,
+        shard: int,
+        layout: ParamLayout,
+        init: dict[str, np.ndarray],
+        masks: dict[str, np.ndarray],
+        train: TrainConfig,
+        ps: PSConfig,
+    ) -> None:
+        """Become shard ``shard`` of a new run (any earlier state is dropped)."""
+        self.state = ShardState(
+            shard, layout, init, masks, train, regrow_value=ps.regrow_value, trace_pushes=ps.trace_pushes
+        )
+
+    def _shard(self) -> ShardState:
+        if self.state is None:
+            raise RuntimeError("ServerActor.start() has not been called")
+        return self.state
+
+    def pull(self, request: PullRequest) -> PullReply:
+        return self._shard().pull(request)
+
+    def push(self, request: PushRequest) -> PushReply:
+        return self._shard().push(request)
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> int:
+        return self._shard().set_masks(masks)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return self._shard().weights()
+
+    def summary(self) -> dict[str, Any]:
+        return self._shard().summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._shard().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._shard().load_state_dict(state)
+
+    def ftz_probe(self) -> dict[str, int]:
+        return ftz_probe()
+
+
+class TrainerActor:
+    """A trainer as a Ray actor, pulling from and pushing to the server shards' actors."""
+
+    def __init__(self, threads: int = 1) -> None:
+        _numerics(threads)
+        self.trainer: PSTrainer | None = None
+
+    def start(
+        self,
+        rank: int,
+        job: JobConfig,
+        ps: PSConfig,
+        layout: ParamLayout,
+        servers: list[Any],
+        taylor_layers: tuple[str, ...] = (),
+    ) -> None:
+        """Become trainer ``rank`` of a new run, reading its partition from the start."""
+        self.trainer = PSTrainer(rank, job, ps, layout, RayShards(servers), taylor_layers=taylor_layers)
+
+    def _trainer(self) -> PSTrainer:
+        if self.trainer is None:
+            raise RuntimeError("TrainerActor.start() has not been called")
+        return self.trainer
+
+    def run_steps(self, steps: int) -> ChunkReport:
+        return self._trainer().run_steps(steps)
+
+    def summary(self) -> dict[str, Any]:
+        return self._trainer().summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._trainer().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._trainer().load_state_dict(state)
+
+    def ftz_probe(self) -> dict[str, int]:
+        return ftz_probe()
+
+
+class ActorPool:
+    """Server and trainer actors kept across runs; each run calls ``start`` on the ones it takes.
+
+    Args:
+        actor_cpus: CPUs each actor reserves (0: actors share the node's cores, which is what lets two
+            trainers, two shards and the driver run on a 2-core machine).
+        threads: intra-op threads of each actor.
+
+    Example::
+
+        pool = ActorPool()
+        run_async(job, PSConfig(trainers=2), pool=pool)  # starts 1 server and 2 trainer actors
+        run_async(job, PSConfig(trainers=1), pool=pool)  # reuses them
+    """
+
+    def __init__(self, *, actor_cpus: float = 0.0, threads: int = 1) -> None:
+        import ray
+
+        self._server_cls = ray.remote(ServerActor).options(num_cpus=actor_cpus)
+        self._trainer_cls = ray.remote(TrainerActor).options(num_cpus=actor_cpus)
+        self.threads = threads
+        self.servers: list[Any] = []
+        self.trainers: list[Any] = []
+
+    def take(self, servers: int, trainers: int) -> tuple[list[Any], list[Any]]:
+        """The first ``servers`` server actors and ``trainers`` trainer actors, started if missing."""
+        while len(self.servers) < servers:
+            self.servers.append(self._server_cls.remote(self.threads))
+        while len(self.trainers) < trainers:
+            self.trainers.append(self._trainer_cls.remote(self.threads))
+        return self.servers[:servers], self.trainers[:trainers]

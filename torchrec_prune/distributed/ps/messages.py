@@ -1,0 +1,68 @@
+"""What trainers and server shards exchange: numpy buffers only, so Ray's object store moves them without
+pickling Python lists (arrays travel out of band, zero-copy on read)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``; arrays Ray hands out read-only (zero-copy from the object store) are
+    copied first, since torch requires writable memory."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(int(a.nbytes) for a in arrays.values())
+
+
+@dataclass
+class PullRequest:
+    """Rows (global ids, per table) and, with ``dense``, every dense tensor and the masks of the shard."""
+
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    dense: bool = False
+    mask_version: int = -1
+
+
+@dataclass
+class PullReply:
+    """Weights at ``version``; ``masks`` is filled when the shard's mask version is newer than asked."""
+
+    version: int
+    mask_version: int
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.rows) + nbytes(self.dense) + nbytes(self.masks)
+
+
+@dataclass
+class PushRequest:
+    """Gradients computed on weights of version ``copy_version`` under masks of ``mask_version``.
+
+    ``rows`` maps a table to ``(global ids, gradient rows)``; ``dense`` maps a parameter to its gradient.
+    """
+
+    copy_version: int
+    mask_version: int
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dense) + sum(int(i.nbytes + g.nbytes) for i, g in self.rows.values())
+
+
+@dataclass
+class PushReply:
+    """The shard's version after applying the push, and its mask version."""
+
+    version: int
+    mask_version: int

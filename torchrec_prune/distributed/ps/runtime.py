@@ -1,0 +1,81 @@
+"""Connecting to Ray: an existing cluster at ``RAY_ADDRESS``, or an embedded one bound to loopback.
+
+Ray replaces a loopback ``_node_ip_address`` by the machine's routable address unless its
+"no cluster" mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray uses on laptops): with it
+every Ray process of the embedded instance (GCS, raylet, workers) listens on 127.0.0.1 only. The
+setting is read when ``ray`` is imported, so this module sets it before importing Ray (unless
+``RAY_ADDRESS`` names a cluster, whose nodes must see this driver's routable address) and checks the
+node address after start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+LOOPBACK = "127.0.0.1"
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Raise ValueError naming ``RAY_ADDRESS`` when its host:port does not accept a TCP connection.
+
+    ``auto`` (a cluster started on this machine) is left to Ray. Called before any actor starts.
+    """
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError as e:
+        raise ValueError(f"RAY_ADDRESS={address!r} is not host:port ({e})") from e
+    if not host or port is None:
+        raise ValueError(f"RAY_ADDRESS={address!r} must be host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"RAY_ADDRESS={address!r} is unreachable: {e}") from e
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
+    """Ray for the duration of the block, shut down on exit even on failure.
+
+    Args:
+        address: an existing cluster (``RAY_ADDRESS``), or ``None`` for an embedded local instance bound
+            to loopback with the dashboard off.
+        num_cpus: CPUs the embedded instance advertises (ignored for a cluster).
+
+    Example::
+
+        with ray_session(os.environ.get("RAY_ADDRESS"), num_cpus=2):
+            result = run_async(job, PSConfig(trainers=2))
+    """
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            num_cpus=num_cpus,
+            log_to_driver=True,
+        )
+    try:
+        if not address:
+            ip = ray.util.get_node_ip_address()
+            if ip != LOOPBACK:
+                raise RuntimeError(
+                    f"embedded Ray bound to {ip}, not loopback: import torchrec_prune.distributed.ps.runtime "
+                    "before ray, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+                )
+        yield
+    finally:
+        ray.shutdown()

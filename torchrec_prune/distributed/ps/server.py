@@ -1,0 +1,267 @@
+"""One parameter-server shard: master weights, optimizer state and masks of what it owns (SPEC 8).
+
+The shard is a plain class (the Ray actor is a thin shell around it, ``actors.py``), so it is tested
+without Ray. Pushes are applied one at a time in arrival order: the actor runs with one thread, which is
+the per-shard lock. Shards are separate processes, so pushes to different shards run in parallel
+(Hogwild across shards, exact within one); one thread per shard also makes versions and the closed-weight
+check exact, and under the GIL threads inside one shard would not apply updates faster anyway.
+
+The optimizer is the library's (``make_optimizer``: Adagrad by default, per element as on the
+single-process path); a table's rows get a sparse gradient holding only the pushed rows, which
+``torch.optim`` applies to those rows alone. Mask changes reuse the library's optimizer-state reset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchrec_prune.distributed.ps.layout import ParamLayout, has_mask, keep_mask
+from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
+from torchrec_prune.train.optimizer_state import reset_state_
+from torchrec_prune.train.trainer import TrainConfig, make_optimizer
+
+_MASK_HISTORY = 8  # mask versions a shard remembers, to mask gradients computed under an older mask
+
+
+class ShardState:
+    """Weights, optimizer state, masks and version counters of shard ``shard``.
+
+    Args:
+        shard: this shard's index.
+        layout: who owns what.
+        init: the owned part of the initial weights (``ParamLayout.split_state``).
+        masks: every mask buffer of the model (FQN -> bool array), all open at the start of a run.
+        train: loop settings (optimizer and learning rate).
+        regrow_value: value re-opened weights start from (0: the library's zero-init regrowth).
+        trace_pushes: pushes after a growth over which the norm of regrown weights is recorded.
+
+    Example::
+
+        shard = ShardState(0, layout, layout.split_state(dict(model.named_parameters()), 0), masks, train)
+        reply = shard.pull(PullRequest(rows={"t_cat_0": np.array([3, 5])}, dense=True))
+    """
+
+    def __init__(
+        self,
+        shard: int,
+        layout: ParamLayout,
+        init: dict[str, np.ndarray],
+        masks: dict[str, np.ndarray],
+        train: TrainConfig,
+        *,
+        regrow_value: float = 0.0,
+        trace_pushes: int = 200,
+    ) -> None:
+        self.shard = shard
+        self.layout = layout
+        self.params = {name: nn.Parameter(as_tensor(np.array(v))) for name, v in init.items()}
+        tables = {spec.param for spec in layout.tables.values()}
+        # Two optimizers of the same kind, so that only the table rows take torch's sparse-gradient path
+        # (a shard may own no dense tensor, or no row when a table has fewer rows than shards).
+        groups = (
+            [p for n, p in self.params.items() if n not in tables],
+            [p for n, p in self.params.items() if n in tables],
+        )
+        self.optimizers = [make_optimizer(group, train) for group in groups if group]
+        # Row gradients are built from unique, sorted ids: opt out of invariant checks explicitly (the
+        # default), which also silences torch's warning that they are off.
+        torch.sparse.check_sparse_tensor_invariants.disable()
+        self.version = 0
+        self.mask_version = 0
+        self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in masks.items()}
+        self.keeps = self._keeps()
+        self._open = {name: bool(keep.all()) for name, keep in self.keeps.items()}
+        self._history: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=_MASK_HISTORY)
+        self._history.append((0, self.keeps))
+        self.regrow_value = float(regrow_value)
+        self.trace_pushes = trace_pushes
+        self.traces: list[dict[str, Any]] = []
+        self._regrown: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, Any] = {
+            "pushes": 0,
+            "pulls": 0,
+            "violations": 0,
+            "masked_entries": 0,
+            "dropped_pushes": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "push_seconds": 0.0,
+            "pull_seconds": 0.0,
+            "push_cpu_seconds": 0.0,  # thread CPU time: the service cost without waiting for a core
+            "pull_cpu_seconds": 0.0,
+            "staleness": Counter(),
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    def _keeps(self) -> dict[str, torch.Tensor]:
+        return {
+            name: keep_mask(self.layout, name, self.masks)[0]
+            for name in self.params
+            if has_mask(self.layout, name)
+        }
+
+    def _table(self, table: str) -> nn.Parameter:
+        return self.params[self.layout.tables[table].param]
+
+    def pull(self, request: PullRequest) -> PullReply:
+        """Current weights of the requested rows (and dense tensors and masks when asked)."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        reply = PullReply(version=self.version, mask_version=self.mask_version)
+        for table, ids in request.rows.items():
+            reply.rows[table] = self._table(table).detach()[self.layout.local_rows(ids)].numpy()
+        if request.dense:
+            reply.dense = {
+                name: self.params[name].detach().numpy().copy()
+                for name in self.layout.owned_dense(self.shard)
+            }
+            if request.mask_version != self.mask_version:
+                reply.masks = {name: m.numpy().copy() for name, m in self.masks.items()}
+        self.stats["pulls"] += 1
+        self.stats["bytes_out"] += reply.nbytes
+        self.stats["pull_seconds"] += time.perf_counter() - started
+        self.stats["pull_cpu_seconds"] += time.thread_time() - cpu
+        return reply
+
+    @torch.no_grad()
+    def push(self, request: PushRequest) -> PushReply:
+        """Apply one trainer's gradients, masked by the current masks and by those it computed under."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        then = self._keeps_at(request.mask_version)
+        if then is None:
+            self.stats["dropped_pushes"] += 1  # computed under a mask this shard no longer remembers
+        else:
+            self._apply(request, then)
+            self.stats["staleness"][self.version - request.copy_version] += 1
+            self.version += 1
+            self._record_trace()
+        self.stats["pushes"] += 1
+        self.stats["bytes_in"] += request.nbytes
+        self.stats["push_seconds"] += time.perf_counter() - started
+        self.stats["push_cpu_seconds"] += time.thread_time() - cpu
+        return PushReply(version=self.version, mask_version=self.mask_version)
+
+    def _keeps_at(self, mask_version: int) -> dict[str, torch.Tensor] | None:
+        if mask_version >= self.mask_version:  # same masks, or a newer version another shard has already
+            return self.keeps
+        for version, keeps in self._history:
+            if version == mask_version:
+                return keeps
+        return None
+
+    def _apply(self, request: PushRequest, then: dict[str, torch.Tensor]) -> None:
+        current = then is self.keeps
+        guards: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, closed, before)
+        for name, grad in request.dense.items():
+            param, g = self.params[name], as_tensor(grad)
+            if name in self.keeps and not (current and self._open[name]):
+                g = self._masked(g, self.keeps[name] & then[name])
+                closed = ~self.keeps[name].expand_as(param)
+                guards.append((param, closed, param.detach()[closed].clone()))
+            param.grad = g
+        for table, (ids, grad) in request.rows.items():
+            param, spec = self._table(table), self.layout.tables[table]
+            g, local = as_tensor(grad), as_tensor(self.layout.local_rows(ids))
+            if spec.param in self.keeps and not (current and self._open[spec.param]):
+                g = self._masked(g, self.keeps[spec.param] & then[spec.param])
+            param.grad = torch.sparse_coo_tensor(
+                local.unsqueeze(0), g, tuple(param.shape), check_invariants=False, is_coalesced=True
+            )
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for param in self.params.values():
+            param.grad = None
+        for param, closed, before in guards:
+            self.stats["violations"] += int((param.detach()[closed] != before).sum())
+        for table, (ids, _) in request.rows.items():
+            param, spec = self._table(table), self.layout.tables[table]
+            if spec.param in self.keeps and not self._open[spec.param]:
+                rows = param.detach()[as_tensor(self.layout.local_rows(ids))]
+                self.stats["violations"] += int((rows[:, ~self.keeps[spec.param][0]] != 0).sum())
+
+    def _masked(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        closed = ~keep.expand_as(grad)
+        self.stats["masked_entries"] += int((grad[closed] != 0).sum())
+        return grad.masked_fill(closed, 0.0)
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_masks(self, masks: dict[str, np.ndarray]) -> int:
+        """Take new masks: closed and re-opened entries start from 0 (or ``regrow_value`` when re-opened)
+        with fresh optimizer state; closed biases keep their value. Returns the new mask version."""
+        self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in masks.items()}
+        new = self._keeps()
+        self._regrown = {}
+        for name, keep in new.items():
+            param, old = self.params[name], self.keeps[name]
+            changed = (old ^ keep).expand_as(param)
+            reset_state_(self.optimizers, param, changed)
+            if not keep_mask(self.layout, name, self.masks)[1]:
+                continue  # a bias: masked in the forward, value kept
+            reopened = changed & keep.expand_as(param)
+            param.masked_fill_(changed | ~keep.expand_as(param), 0.0)
+            if self.regrow_value:
+                param.masked_fill_(reopened, self.regrow_value)
+            if bool(reopened.any()):
+                self._regrown[name] = reopened
+        self.keeps = new
+        self._open = {name: bool(keep.all()) for name, keep in new.items()}
+        self.mask_version += 1
+        self._history.append((self.mask_version, new))
+        if self._regrown:
+            self.traces.append({"mask_version": self.mask_version, "version": self.version, "norms": []})
+            self._record_trace()
+        return self.mask_version
+
+    def _record_trace(self) -> None:
+        """Norm of the weights re-opened by the last growth, at growth and after each push since."""
+        if not self._regrown or len(self.traces[-1]["norms"]) > self.trace_pushes:
+            return
+        total = sum(
+            float(self.params[n].detach()[w].double().square().sum()) for n, w in self._regrown.items()
+        )
+        self.traces[-1]["norms"].append(total**0.5)
+
+    # ----------------------------------------------------------------------------------------------
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every owned tensor (for the final model and checkpoints)."""
+        return {name: p.detach().numpy().copy() for name, p in self.params.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """Counters for the run folder: versions, closed-weight violations, bytes and time."""
+        out = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.stats.items()}
+        return out | {
+            "shard": self.shard,
+            "version": self.version,
+            "mask_version": self.mask_version,
+            "traces": self.traces,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimizer state, masks and versions: what a restarted shard needs."""
+        return {
+            "weights": self.weights(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "masks": {name: m.numpy().copy() for name, m in self.masks.items()},
+            "version": self.version,
+            "mask_version": self.mask_version,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state["weights"].items():
+            self.params[name].copy_(as_tensor(value))
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in state["masks"].items()}
+        self.keeps = self._keeps()
+        self._open = {name: bool(keep.all()) for name, keep in self.keeps.items()}
+        self.version = int(state["version"])
+        self.mask_version = int(state["mask_version"])
+        self._history.clear()
+        self._history.append((self.mask_version, self.keeps))

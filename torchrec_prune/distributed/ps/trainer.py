@@ -1,0 +1,339 @@
+"""One asynchronous trainer: its own partition of the stream, the library's model and forward, a bounded
+row cache, pulls when its copy is too stale and a push after every batch (SPEC 8).
+
+``PSTrainer`` is a plain class over any ``ShardClients`` (in-process shards in tests, Ray actor handles
+in a run), so the training step is tested without Ray. Each batch is scored (look-ahead) by the forward
+whose gradient is pushed, so the score is taken before any update from that batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_prune.data.stream import iter_increments, rank_ranges
+from torchrec_prune.distributed.ps.cache import RowCache
+from torchrec_prune.distributed.ps.config import PSConfig
+from torchrec_prune.distributed.ps.layout import ParamLayout
+from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
+from torchrec_prune.importance.neuron import NeuronTaylor
+from torchrec_prune.masks import wrap
+from torchrec_prune.models import build_dlrm
+from torchrec_prune.train.job import JobConfig, make_stream, model_config_for
+from torchrec_prune.train.trainer import default_forward
+
+ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+_NEVER = -(10**9)  # version of a copy that was never pulled
+Rows = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # table -> (distinct ids, slots, new)
+
+
+class ShardClients(Protocol):
+    """Calls to every server shard; one request per shard index, answered together."""
+
+    def pull(self, requests: dict[int, PullRequest]) -> dict[int, PullReply]: ...
+
+    def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]: ...
+
+
+@dataclass
+class BatchScore:
+    """One batch's look-ahead scores at stream positions ``[start, end)`` and its neuron importance."""
+
+    start: int
+    end: int
+    logits: np.ndarray
+    labels: np.ndarray
+    taylor: dict[str, np.ndarray] = field(default_factory=dict)
+    finished_at: float = 0.0
+
+
+@dataclass
+class ChunkReport:
+    """What one call to ``run_steps`` produced."""
+
+    rank: int
+    scores: list[BatchScore]
+    done: bool
+
+
+class PSTrainer:
+    """Train on partition ``rank`` of ``world`` of the job's stream against the parameter server.
+
+    Args:
+        rank: this trainer's partition (the torchrun rank partition of ``torchrec_prune.data.stream``).
+        job: stream, model and loop settings (``job.train.batch_size`` is the per-trainer batch).
+        ps: run shape (trainers, staleness, cache size).
+        layout: parameter ownership (same model structure, full-size tables).
+        clients: calls to the shards.
+        taylor_layers: FQNs of layers whose per-batch neuron Taylor importance is reported.
+        forward_fn: ``(model, batch) -> (loss, logits)``, as for ``IncrementalTrainer``.
+
+    Example::
+
+        trainer = PSTrainer(0, job, PSConfig(trainers=1), layout, LocalShards([shard]))
+        report = trainer.run_steps(8)
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        job: JobConfig,
+        ps: PSConfig,
+        layout: ParamLayout,
+        clients: ShardClients,
+        *,
+        taylor_layers: tuple[str, ...] = (),
+        forward_fn: ForwardFn = default_forward,
+    ) -> None:
+        self.rank = rank
+        self.ps = ps
+        self.layout = layout
+        self.clients = clients
+        self.forward_fn = forward_fn
+        self.train = job.train
+        stream = make_stream(job)
+        self.stream = stream
+        local = replace(model_config_for(stream, job.model), num_embeddings=ps.cache_rows)
+        self.model = wrap(build_dlrm(local))
+        self.params = dict(self.model.named_parameters())
+        self.buffers = dict(self.model.named_buffers())
+        self.caches = {table: RowCache(ps.cache_rows) for table in layout.tables}
+        self.feature_table = layout.feature_table()
+        modules = dict(self.model.named_modules())
+        self.taylor_layers = {fqn: modules[fqn] for fqn in taylor_layers}
+        self.known = np.zeros(layout.shards, dtype=np.int64)  # latest server version seen, per shard
+        self.dense_version = np.full(layout.shards, _NEVER, dtype=np.int64)
+        self.mask_version = 0
+        self.batches_done = 0
+        self._batches = self._partition()
+        self.stats: dict[str, Any] = {
+            "rank": rank,
+            "steps": 0,
+            "samples": 0,
+            "pulls": 0,
+            "bytes_pulled": 0,
+            "bytes_pushed": 0,
+            "compute_seconds": 0.0,
+            "compute_cpu_seconds": 0.0,
+            "step_cpu_seconds": 0.0,  # the whole step on this thread: compute, cache, (de)serialisation
+            "pull_seconds": 0.0,
+            "push_seconds": 0.0,
+            "first_step_at": None,
+            "last_step_at": None,
+        }
+
+    # ----------------------------------------------------------------------------------------------
+    def _partition(self) -> Iterator[tuple[int, int, Batch]]:
+        world, size = self.ps.trainers, self.train.batch_size
+        for inc in iter_increments(self.stream, self.train.increment_rows, size, self.rank, world):
+            ranges = rank_ranges(inc.start_row, inc.start_row + inc.num_rows, size, self.rank, world)
+            for (a, b), batch in zip(ranges, inc.batches(), strict=True):
+                yield a, b, batch
+
+    def run_steps(self, steps: int) -> ChunkReport:
+        """Train on up to ``steps`` more batches of the partition; ``done`` when it is exhausted."""
+        scores: list[BatchScore] = []
+        for _ in range(steps):
+            item = next(self._batches, None)
+            if item is None:
+                return ChunkReport(self.rank, scores, done=True)
+            scores.append(self.step(*item))
+        return ChunkReport(self.rank, scores, done=False)
+
+    def step(self, start: int, end: int, batch: Batch) -> BatchScore:
+        """Pull what is missing or stale, score and learn from ``batch``, push its gradients."""
+        now, step_cpu = time.time(), time.thread_time()
+        self.stats["first_step_at"] = self.stats["first_step_at"] or now
+        n = batch.labels.numel()
+        self.batches_done += 1
+        if n == 0:  # every row of the range was malformed
+            return BatchScore(start, end, np.zeros(0, np.float32), np.zeros(0, np.float32), finished_at=now)
+        rows = self._rows(batch.sparse_features)
+        copy_version = self._refresh(rows)
+        started, cpu = time.perf_counter(), time.thread_time()
+        local = Batch(
+            dense_features=batch.dense_features,
+            sparse_features=self._remap(batch.sparse_features, rows),
+            labels=batch.labels,
+        )
+        self.model.train()
+        for p in self.params.values():
+            p.grad = None
+        loss, logits = self.forward_fn(self.model, local)
+        loss.backward()
+        taylor = self._taylor()
+        self.stats["compute_seconds"] += time.perf_counter() - started
+        self.stats["compute_cpu_seconds"] += time.thread_time() - cpu
+        self._push(rows, copy_version)
+        self.stats["steps"] += 1
+        self.stats["samples"] += n
+        self.stats["last_step_at"] = time.time()
+        self.stats["step_cpu_seconds"] += time.thread_time() - step_cpu
+        return BatchScore(
+            start,
+            end,
+            logits.detach().numpy().astype(np.float32),
+            batch.labels.numpy().astype(np.float32),
+            taylor,
+            finished_at=self.stats["last_step_at"],
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def _rows(self, kjt: KeyedJaggedTensor) -> Rows:
+        """Per table: distinct global ids, their cache slots, and which are new to the cache."""
+        ids: dict[str, list[np.ndarray]] = {}
+        for key, jt in kjt.to_dict().items():
+            ids.setdefault(self.feature_table[key], []).append(jt.values().numpy())
+        out = {}
+        for table, parts in ids.items():
+            unique = np.unique(np.concatenate(parts))
+            slots, new = self.caches[table].assign(unique)
+            out[table] = (unique, slots, new)
+        return out
+
+    def _remap(self, kjt: KeyedJaggedTensor, rows: Rows) -> KeyedJaggedTensor:
+        """The batch's ids rewritten to cache slots (the local tables' row indices)."""
+        values = kjt.values().numpy()
+        out = np.empty_like(values)
+        offsets = kjt.offset_per_key()
+        for i, key in enumerate(kjt.keys()):
+            unique, slots, _ = rows[self.feature_table[key]]
+            segment = values[offsets[i] : offsets[i + 1]]
+            out[offsets[i] : offsets[i + 1]] = slots[np.searchsorted(unique, segment)]
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=as_tensor(out), lengths=kjt.lengths(), stride=kjt.stride()
+        )
+
+    @torch.no_grad()
+    def _refresh(self, rows: Rows) -> np.ndarray:
+        """Pull rows and dense tensors ``staleness`` versions old; returns each shard's copy version."""
+        shards, staleness = self.layout.shards, self.ps.staleness
+        requests: dict[int, PullRequest] = {}
+        wanted: dict[tuple[int, str], np.ndarray] = {}
+        for table, (ids, slots, new) in rows.items():
+            owner = self.layout.row_owner(ids)
+            stale = new | (self.known[owner] - self.caches[table].versions[slots] >= staleness)
+            for s in range(shards):
+                pick = stale & (owner == s)
+                if pick.any():
+                    requests.setdefault(s, PullRequest()).rows[table] = ids[pick]
+                    wanted[(s, table)] = slots[pick]
+        for s in range(shards):
+            if self.known[s] - self.dense_version[s] >= staleness:
+                request = requests.setdefault(s, PullRequest())
+                request.dense, request.mask_version = True, self.mask_version
+        if requests:
+            started = time.perf_counter()
+            replies = self.clients.pull(requests)
+            self.stats["pull_seconds"] += time.perf_counter() - started
+            self.stats["pulls"] += 1
+            self._load(requests, replies, wanted)
+        copy = self.dense_version.copy()
+        for table, (ids, slots, _) in rows.items():
+            owner = self.layout.row_owner(ids)
+            versions = self.caches[table].versions[slots]
+            for s in range(shards):
+                if (owner == s).any():
+                    copy[s] = min(copy[s], int(versions[owner == s].min()))
+        return copy
+
+    def _load(
+        self,
+        requests: dict[int, PullRequest],
+        replies: dict[int, PullReply],
+        wanted: dict[tuple[int, str], np.ndarray],
+    ) -> None:
+        masks: dict[str, np.ndarray] = {}
+        newest = self.mask_version
+        for s, reply in replies.items():
+            self.stats["bytes_pulled"] += reply.nbytes
+            self.known[s] = max(self.known[s], reply.version)
+            for table, values in reply.rows.items():
+                slots = wanted[(s, table)]
+                self.params[self.layout.tables[table].param].data[as_tensor(slots)] = as_tensor(values)
+                self.caches[table].versions[slots] = reply.version
+            if requests[s].dense:
+                for name, value in reply.dense.items():
+                    self.params[name].data.copy_(as_tensor(value))
+                self.dense_version[s] = reply.version
+            if reply.masks and reply.mask_version > newest:
+                masks, newest = reply.masks, reply.mask_version
+        for name, value in masks.items():
+            self.buffers[name].copy_(as_tensor(value))
+        self.mask_version = newest
+
+    def _taylor(self) -> dict[str, np.ndarray]:
+        if not self.taylor_layers:
+            return {}
+        scorer = NeuronTaylor()
+        scorer.observe(self.taylor_layers)
+        return {fqn: t.numpy() for fqn, t in scorer.scores(self.taylor_layers).items()}
+
+    def _push(self, rows: Rows, copy: np.ndarray) -> None:
+        requests = {
+            s: PushRequest(copy_version=int(copy[s]), mask_version=self.mask_version)
+            for s in range(self.layout.shards)
+        }
+        for name, shard in self.layout.dense_owner.items():
+            grad = self.params[name].grad
+            if grad is not None:
+                requests[shard].dense[name] = grad.numpy()
+        for table, (ids, slots, _) in rows.items():
+            grad = self.params[self.layout.tables[table].param].grad
+            if grad is None:
+                continue
+            grad_rows = grad[as_tensor(slots)].numpy()
+            owner = self.layout.row_owner(ids)
+            for s in range(self.layout.shards):
+                pick = owner == s
+                if pick.any():
+                    requests[s].rows[table] = (ids[pick], grad_rows[pick])
+        started = time.perf_counter()
+        self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
+        replies = self.clients.push(requests)
+        self.stats["push_seconds"] += time.perf_counter() - started
+        for s, reply in replies.items():
+            self.known[s] = max(self.known[s], reply.version)
+            if reply.mask_version > self.mask_version:
+                self._invalidate()
+
+    def _invalidate(self) -> None:
+        """New masks on the server: re-pull every weight (and the masks) before the next step."""
+        for cache in self.caches.values():
+            cache.clear()
+        self.dense_version[:] = _NEVER
+
+    # ----------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counters for the run folder, with the trainer's table memory (bounded by the cache)."""
+        table_bytes = sum(
+            self.params[spec.param].numel() * self.params[spec.param].element_size()
+            for spec in self.layout.tables.values()
+        )
+        evictions = sum(cache.evictions for cache in self.caches.values())
+        return self.stats | {
+            "table_bytes": table_bytes,
+            "evictions": evictions,
+            "mask_version": self.mask_version,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the trainer is in its partition (its weights live on the server)."""
+        return {"batches_done": self.batches_done, "mask_version": self.mask_version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Skip the batches already trained; every weight is pulled again before the next step."""
+        self._batches = self._partition()
+        for _ in range(int(state["batches_done"])):
+            next(self._batches, None)
+        self.batches_done = int(state["batches_done"])
+        self.mask_version = -1  # unknown: the next pull brings the server's masks
+        self._invalidate()
