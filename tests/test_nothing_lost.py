@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, children, kill_tree
 
 import torchrec_prune.train.trainer as trainer_module
 from torchrec_prune.cli import main
@@ -94,30 +94,16 @@ def launcher():
     try:
         yield start
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for proc in procs:  # the CLI, its torchrun agent and the ranks (each in a session of its own)
+            if proc.poll() is None:
+                kill_tree(proc.pid)
             proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun rank ``rank`` under the launcher (launcher -> torchrun agent -> ranks)."""
-    for agent in _children(launcher_pid):
-        for pid in _children(agent):
+    for agent in children(launcher_pid):
+        for pid in children(agent):
             if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 return pid
     pytest.fail(f"no rank {rank} under the launcher")
@@ -144,12 +130,15 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_naming_it(tmp_path, laun
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)  # a window closed: both ranks are in the training loop
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
+    rank1 = _rank_pid(proc.pid, 1)
+    os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         proc.wait(timeout=timeout + 30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the job outlived --timeout {timeout} s by 30 s:\n{log.read_text()[-3000:]}")
+    finally:
+        kill_tree(rank1)  # whatever happened, the stopped rank does not outlive the test
     elapsed = time.monotonic() - stopped
     text = log.read_text()
     assert proc.returncode != 0
