@@ -1,5 +1,5 @@
-"""Issue 12 on two torchrun ranks: an EmbeddingCollection model, DLRM_DCN, DeepFM and DLRM_Projection
-under DMP, grow/prune on a
+"""Issue 12 on two torchrun ranks: an EmbeddingCollection model, DLRM_DCN, DeepFM, DLRM_Projection and a
+FusedEmbeddingBagCollection model under DMP, grow/prune on a
 user stream, and D2S on it (see tests/dist_workers/your_model_worker.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ def test_user_models_under_dmp_on_two_ranks(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for seen in ranks:
         models = [("embedding_collection", ["s0", "s1", "s2"])]
-        models += [(name, ["t0", "t1", "t2"]) for name in ("dlrm_dcn", "deepfm", "dlrm_projection")]
+        models += [
+            (name, ["t0", "t1", "t2"]) for name in ("dlrm_dcn", "deepfm", "dlrm_projection", "fused_ebc")
+        ]
         for name, tables in models:
             model = seen[name]
             assert model["same_plan"] and model["tables"] == tables  # every table planned, as unwrapped

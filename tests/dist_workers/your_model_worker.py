@@ -22,7 +22,14 @@ from torchrec.models.dlrm import DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 import torchrec_prune as tp
-from tests.test_your_model import NUM_DENSE, SequenceModel, bag_tables, forward_fn, make_batch
+from tests.test_your_model import (
+    NUM_DENSE,
+    FusedModel,
+    SequenceModel,
+    bag_tables,
+    forward_fn,
+    make_batch,
+)
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_prune.distributed.dmp import (
@@ -43,6 +50,9 @@ SHARDING = ShardingConfig(fused_optimizer="adagrad", dense_optimizer="adagrad", 
 def build(name: str) -> torch.nn.Module:
     if name == "embedding_collection":
         return SequenceModel(device="meta")
+    if name == "fused_ebc":
+        torch.manual_seed(0)  # built on CPU (its kernel allocates at construction): same weights per rank
+        return FusedModel()
     meta = torch.device("meta")
     ebc = EmbeddingBagCollection(tables=bag_tables(), device=meta)
     if name == "deepfm":
@@ -151,7 +161,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     device = init_distributed()
     rank = dist.get_rank()
-    names = ("embedding_collection", "dlrm_dcn", "deepfm", "dlrm_projection")
+    names = ("embedding_collection", "dlrm_dcn", "deepfm", "dlrm_projection", "fused_ebc")
     seen = {name: check_model(name, device, out, rank) for name in names}
     seen["grow_prune"] = grow_prune(device)
     seen["d2s"] = d2s(device)

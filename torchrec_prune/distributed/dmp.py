@@ -29,11 +29,19 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fused_embeddingbag import FusedEmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, Topology, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import (
+    EmbeddingModuleShardingPlan,
+    ModuleSharder,
+    ShardingEnv,
+    ShardingPlan,
+    ShardingType,
+)
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -224,7 +232,8 @@ def kill_ranks(ranks: list[int]) -> None:
 
 def make_sharders(config: ShardingConfig) -> list[ModuleSharder[nn.Module]]:
     """TorchRec's ``EmbeddingBagCollection`` and ``EmbeddingCollection`` sharders, both with the fused
-    optimizer of ``config``: every table of either kind is planned and sharded, none copied to every rank.
+    optimizer of ``config``, and the ``FusedEmbeddingBagCollection`` sharder (its optimizer is its own):
+    every table of these kinds is planned and sharded, none copied to every rank.
 
     Example::
 
@@ -234,7 +243,30 @@ def make_sharders(config: ShardingConfig) -> list[ModuleSharder[nn.Module]]:
     return [
         EmbeddingBagCollectionSharder(fused_params=dict(fused)),  # type: ignore[list-item]
         EmbeddingCollectionSharder(fused_params=dict(fused)),  # type: ignore[list-item]
+        # A FusedEmbeddingBagCollection brings its own optimizer (chosen when the user built it).
+        FusedEmbeddingBagCollectionSharder(),  # type: ignore[list-item]
     ]
+
+
+_MODEL_PARALLEL = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+]
+
+
+def _constraints(model: nn.Module, config: ShardingConfig, compute_device: str) -> dict:
+    """The user's constraints, plus: on CPU the tables of a ``FusedEmbeddingBagCollection`` are never
+    planned data-parallel (TorchRec 1.8 wraps that lookup in DDP with ``device_ids=[cpu]``, which DDP
+    refuses for CPU modules); model-parallel sharding works."""
+    constraints = dict(config.constraints)
+    if compute_device == "cpu":
+        for module in model.modules():
+            if isinstance(module, FusedEmbeddingBagCollection):
+                for table in module.embedding_bag_configs():
+                    constraints.setdefault(table.name, ParameterConstraints(sharding_types=_MODEL_PARALLEL))
+    return constraints
 
 
 def plan_sharding(
@@ -269,7 +301,7 @@ def plan_sharding(
         topology=topology,
         batch_size=config.batch_size,
         storage_reservation=FixedPercentageStorageReservation(config.storage_reservation),
-        constraints=dict(config.constraints),
+        constraints=_constraints(model, config, compute_device),
         debug=False,
     )
     sharders = make_sharders(config)
