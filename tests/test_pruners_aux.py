@@ -246,3 +246,66 @@ def test_non_mask_aware_modules_raise_type_error_naming_fqn_and_type():
         AuxPruner(mixed, AuxConfig(targets=Targets(include=["extra"])))
     with pytest.raises(ValueError, match="final output layer"):
         AuxPruner(tp.wrap(nn.Sequential(nn.Linear(4, 1))), AuxConfig(targets=Targets(include=["0"])))
+
+
+def test_aux_latent_update_of_every_weight_equals_an_independent_computation():
+    # Per weight, not per layer mean: a <- a + eps * (w1 |G|/mean|G| + w2 |theta|/mean|theta| - lambda),
+    # G = (dL/dW_eff) * theta with W_eff = W * mask, computed here from plain tensors and autograd.
+    model = wrapped_mlp([8, 32, 16, 1])
+    cfg = AuxConfig(lam=0.9, w1=0.6, w2=0.4, eps=0.1, targets=Targets(include_output_layer=True))
+    pruner = AuxPruner(model, cfg)
+    closed = torch.rand(32, 8, generator=torch.Generator().manual_seed(3)) < 0.3
+    with torch.no_grad():  # some weights already pruned (values kept), as earlier steps would leave them
+        model[0].weight_mask.copy_(~closed)
+        pruner.latent["0"][closed] = -0.5
+    x, y = _task()
+    layers = [model[0], model[2], model[4]]
+    effective = [(m.weight.detach() * m.weight_mask).requires_grad_(True) for m in layers]
+    h = x
+    for i, (m, w) in enumerate(zip(layers, effective, strict=True)):
+        h = F.linear(h, w, m.bias.detach())
+        h = torch.relu(h) if i < 2 else h
+    F.binary_cross_entropy_with_logits(h.squeeze(-1), y).backward()
+    expected = {}
+    for fqn, m, w in zip(("0", "2", "4"), layers, effective, strict=True):
+        G, theta = (w.grad * m.weight.detach()).abs(), m.weight.detach().abs()
+        step = cfg.w1 * G / G.mean() + cfg.w2 * theta / theta.mean() - cfg.lam
+        expected[fqn] = pruner.latent[fqn] + cfg.eps * step
+    pruner_step(model, pruner, StepContext(model=model, optimizers=[]), x, y)
+    for fqn, latent in pruner.latent.items():
+        torch.testing.assert_close(latent, expected[fqn], rtol=1e-5, atol=1e-6)
+
+
+def test_a_small_weight_with_a_large_gradient_revives_while_large_weights_without_one_are_pruned():
+    # y depends on input 0 only, whose weight is tiny and pruned; inputs 1-3 are exactly orthogonal to
+    # input 0 and their larger weights carry nothing. Linear STE scores the tiny weight by g * theta with
+    # a large g: it revives; the large weights' importance is magnitude only, below lambda: pruned.
+    q, _ = torch.linalg.qr(torch.randn(512, 4, generator=torch.Generator().manual_seed(0)))
+    x = q * 512**0.5
+    y = 200.0 * x[:, 0:1]
+    model = tp.wrap(nn.Sequential(nn.Linear(4, 1, bias=False)))
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.01, 0.5, 0.5, 0.5]]))
+        layer.weight_mask[0, 0] = False
+    pruner = AuxPruner(
+        model,
+        AuxConfig(
+            lam=1.0, w1=0.5, w2=0.5, eps=0.05, phase_steps=40, targets=Targets(include_output_layer=True)
+        ),
+    )
+    pruner.latent["0"][0, 0] = -0.05
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctx = StepContext(model=model, optimizers=[opt])
+    revived_at = None
+    for step in range(80):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        pruner.before_step(ctx)
+        if revived_at is None and bool(layer.weight_mask[0, 0]):
+            revived_at = step
+        opt.step()
+        pruner.after_step(ctx)
+    assert revived_at is not None and revived_at < 10
+    assert layer.weight_mask.tolist() == [[True, False, False, False]]
+    assert float(layer.weight[0, 0]) > 100.0  # it trained once revived

@@ -272,3 +272,24 @@ def test_non_mask_aware_targets_raise_type_error():
             ),
         )
     assert not any(isinstance(m, MaskedEmbeddingBagCollection) for m in model.modules())
+
+
+def test_mop_score_is_w1_rescaled_magnitude_plus_w2_rescaled_gradient_ema():
+    from torchrec_prune.importance.weight import Momentum
+    from torchrec_prune.masks import MaskedLinear
+
+    layer = MaskedLinear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 4.0, -1.0]]))
+        layer.weight_mask[1, 0] = False  # a pruned weight still gathers momentum (effective gradient)
+    g1 = torch.tensor([[0.3, -0.1, 0.0], [2.0, 0.2, -0.4]])
+    g2 = torch.tensor([[-0.6, 0.1, 0.5], [1.0, 0.0, 0.2]])
+    scorer, decay = Momentum(w1=0.8, w2=0.2, decay=0.9), 0.9
+    for g in (g1, g2):
+        layer.effective_grad = g
+        scorer.observe({"l": layer})
+    s = (1 - decay) * (decay * g1 + g2)  # EMA from zero
+    theta = layer.weight.detach()
+    expected = 0.8 * theta.abs() / theta.abs().mean() + 0.2 * s.abs() / s.abs().mean()
+    torch.testing.assert_close(scorer.scores({"l": layer})["l"], expected)
+    assert expected[1, 0] > 0  # zero weight, non-zero momentum: it can be re-selected
