@@ -134,6 +134,8 @@ def test_serving_scores_each_batch_before_training_on_it():
         ({"threshold": -0.1}, "threshold must be > 0"),
         ({"p": 2, "r": 2, "warmup": 1}, "warmup must be an integer >= 2"),
         ({"prune_fraction": 0.0}, "prune_fraction"),
+        ({"min_age": 0}, "min_age must be an integer >= 1"),
+        ({"r": 3, "p": 1, "min_age": 4}, "min_age must be <= r=3"),
         ({"lines": ("fixed", "sometimes")}, "lines"),
         ({"lines": ()}, "lines"),
     ],
@@ -149,3 +151,29 @@ def test_a_stream_too_short_to_serve_fails_before_training():
     with pytest.raises(ValueError, match="warms up for 3"):
         D2SController(model, _stream(3), TRAIN, D2SConfig(r=3, p=1, warmup=3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("p", "min_age", "spacing"), [(2, None, 2), (1, 3, 3), (1, 1, 1)])
+def test_adaptive_mode_honours_a_minimum_age(p, min_age, spacing):
+    # A threshold nearly every serving model exceeds: only the minimum age (default p) keeps the line
+    # from re-pruning at every increment; min_age=1 shows what it prevents.
+    config = D2SConfig(r=6, p=p, min_age=min_age, warmup=2, threshold=1e-9, aux=AUX, lines=("adaptive",))
+    line = _run(config).lines["adaptive"]
+    spacings = [b - a for a, b in zip(line.births, line.births[1:], strict=False)]
+    assert spacings and min(spacings) == spacing  # early replacements happen, never before min_age
+    assert max(spacings) <= 6
+
+
+def test_a_pruning_job_never_sees_the_increment_its_model_will_serve():
+    controller = D2SController(_model(), _stream(10), TRAIN, D2SConfig(r=2, p=2, aux=AUX, lines=("fixed",)))
+    seen: list[tuple[int, list[int]]] = []
+    run = controller.pruning.run
+
+    def recording(snapshot, increments, birth, **kwargs):
+        seen.append((birth, [inc.index for inc in increments]))
+        assert snapshot.increment == birth - 2  # the dense state from before the first of them
+        return run(snapshot, increments, birth, **kwargs)
+
+    controller.pruning.run = recording
+    controller.run()
+    assert seen == [(2, [0, 1]), (4, [2, 3]), (6, [4, 5]), (8, [6, 7])]

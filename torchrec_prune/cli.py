@@ -161,6 +161,7 @@ _APPLIES = {
     "--drift": ("--data synthetic", lambda a: a.data == "synthetic"),
     "--max-restarts": ("--nproc > 1", lambda a: a.nproc > 1),
     "--threshold": ("--mode adaptive", lambda a: a.mode == "adaptive"),
+    "--min-age": ("--mode adaptive", lambda a: a.mode == "adaptive"),
 }
 
 
@@ -259,6 +260,7 @@ def _cmd_d2s(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
         r=args.r,
         p=args.p,
         threshold=args.threshold,
+        min_age=args.min_age,
         warmup=args.warmup,
         prune_fraction=args.prune_fraction,
         aux=AuxConfig(lam=args.lam, eps=args.eps),
@@ -287,7 +289,9 @@ def _cmd_d2s(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     return _prepare_run(args, argv, extra, train, check, replica="dense")
 
 
-_D2S_FLAGS = ("r", "p", "mode", "threshold", "warmup", "prune_fraction", "lam", "eps", "with_baseline")
+_D2S_FLAGS = (
+    "r", "p", "mode", "threshold", "min_age", "warmup", "prune_fraction", "lam", "eps", "with_baseline"
+)  # fmt: skip
 
 
 def _relaunch_under_torchrun(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
@@ -398,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     d2s.add_argument("--p", type=int, default=2, help="increments back of the snapshot pruned")
     d2s.add_argument("--mode", choices=("fixed", "adaptive"), default="fixed")
     d2s.add_argument("--threshold", type=float, default=0.01, help="adaptive: relative CE gap to re-prune")
+    d2s.add_argument(
+        "--min-age", type=int, default=None, help="adaptive: increments served before an early re-prune (p)"
+    )
     d2s.add_argument("--warmup", type=int, default=None, help="increments before the first sparse model")
     d2s.add_argument("--prune-fraction", type=float, default=0.5, help="share of the p increments pruning")
     d2s.add_argument("--lam", type=float, default=1.75, help="AUX sparsity penalty lambda")
@@ -437,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     from torchrec_prune.distributed.ps.cli import add_ray_train_parser  # it imports this module's helpers
 
     add_ray_train_parser(sub)
+    from torchrec_prune.distributed.ps.submit import add_ray_job_parsers
+
+    add_ray_job_parsers(sub)
     return parser
 
 

@@ -74,6 +74,9 @@ class D2SConfig:
             increments' data (>= 1).
         threshold: adaptive mode: relative look-ahead CE gap (serving vs dense, same increment) above which
             a new sparse model is produced early (> 0). Set it above the gap of a freshly pruned model.
+        min_age: adaptive mode: increments a sparse model serves before a large gap may replace it early,
+            in [1, ``r``] (default ``p``: at most one early pruning job per ``p`` increments, as in fixed
+            mode, so a gap that stays large does not re-prune at every increment).
         warmup: increments the dense model trains before the first sparse model serves (>= ``p``; default
             ``p``).
         prune_fraction: share of the ``p`` increments' batches spent in AUX's pruning phase, in (0, 1];
@@ -89,6 +92,7 @@ class D2SConfig:
     r: int = 4
     p: int = 2
     threshold: float = 0.01
+    min_age: int | None = None
     warmup: int | None = None
     prune_fraction: float = 0.5
     aux: AuxConfig = field(default_factory=AuxConfig)
@@ -106,6 +110,10 @@ class D2SConfig:
             isinstance(self.threshold, (int, float)) and self.threshold > 0
         ):
             raise ValueError(f"D2SConfig.threshold must be > 0, got {self.threshold!r}")
+        if self.min_age is not None:
+            _check_int("min_age", self.min_age, 1)
+            if self.min_age > self.r:
+                raise ValueError(f"D2SConfig.min_age must be <= r={self.r}, got {self.min_age}")
         if self.warmup is not None:
             _check_int("warmup", self.warmup, self.p)
         if not (isinstance(self.prune_fraction, (int, float)) and 0 < self.prune_fraction <= 1):
@@ -116,6 +124,11 @@ class D2SConfig:
         unknown = [name for name in self.lines if name not in LINES]
         if not self.lines or unknown or len(set(self.lines)) != len(self.lines):
             raise ValueError(f"D2SConfig.lines must be distinct names from {LINES}, got {self.lines!r}")
+
+    @property
+    def minimum_age(self) -> int:
+        """Increments a sparse model serves before an early replacement (``min_age``, or ``p``)."""
+        return self.p if self.min_age is None else self.min_age
 
     @property
     def first_serving(self) -> int:
@@ -688,7 +701,8 @@ class D2SController:
             return k >= self.config.first_serving
         if name in ("fixed_mask", "adaptation"):
             return False
-        return k - line.current.birth >= self.config.r or name in self._early
+        age = k - line.current.birth
+        return age >= self.config.r or (name in self._early and age >= self.config.minimum_age)
 
     def _install_due(self, k: int) -> None:
         p = self.config.p
