@@ -177,3 +177,16 @@ def test_a_pruning_job_never_sees_the_increment_its_model_will_serve():
     controller.pruning.run = recording
     controller.run()
     assert seen == [(2, [0, 1]), (4, [2, 3]), (6, [4, 5]), (8, [6, 7])]
+
+
+def test_d2s_flops_are_compared_with_the_dense_job_over_the_same_span():
+    from torchrec_prune.schedules.report import d2s_rows
+
+    result = _run(D2SConfig(r=2, p=1, warmup=4, aux=AUX, lines=("fixed",)))
+    line = result.lines["fixed"]
+    per_sample = result.dense_flops.dense / result.dense_flops.samples  # the dense model is never pruned
+    span = 12 * 200 - result.warmup_rows  # the serving line's own models train only after the warm-up
+    assert line.serving_flops.samples == span
+    expected = (line.serving_flops + line.pruning_flops).effective / (per_sample * span) - 1.0
+    (row,) = [r for r in d2s_rows(result) if r.name == "fixed"]
+    assert row.flops_vs_dense == pytest.approx(expected, rel=1e-12)

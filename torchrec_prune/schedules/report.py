@@ -84,9 +84,14 @@ def d2s_rows(result: D2SResult) -> list[ComparisonRow]:
     """Rows for the dense model and each serving line, compared after the warm-up.
 
     A line's FLOPs and time are its serving models' training plus its pruning jobs, against the dense
-    job's; D2S also keeps running the dense job, which this does not add.
+    job's over the same span: the stream after the warm-up, when sparse models serve (the dense model's
+    per-sample FLOPs are constant, so its FLOPs over the span are exact; its time is prorated by
+    samples). D2S also keeps running the dense job, which this does not add.
     """
     since = result.warmup_rows
+    dense = result.dense_flops
+    share = (dense.samples - since) / dense.samples if dense.samples else 0.0
+    dense_flops, dense_seconds = dense.dense * share, result.dense_seconds * share
     rows = [ComparisonRow("dense", 0.0, 0.0, 0.0, 0.0, "structured", 0.0)]
     for name, line in result.lines.items():
         flops = line.serving_flops + line.pruning_flops
@@ -96,9 +101,9 @@ def d2s_rows(result: D2SResult) -> list[ComparisonRow]:
                 relative_ce=pooled_relative(line.records, result.dense, since=since),
                 last_quarter_relative_ce=last_quarter_relative_ce(line.records, result.dense, since=since),
                 relative_accuracy=pooled_relative(line.records, result.dense, since=since, field="accuracy"),
-                flops_vs_dense=flops.effective / result.dense_flops.dense - 1.0,
+                flops_vs_dense=flops.effective / dense_flops - 1.0,
                 flops_kind="effective",
-                time_vs_dense=(line.serving_seconds + line.pruning_seconds) / result.dense_seconds - 1.0,
+                time_vs_dense=(line.serving_seconds + line.pruning_seconds) / dense_seconds - 1.0,
             )
         )
     return rows
