@@ -1,6 +1,7 @@
 """AUX pruning (SPEC 4): linear STE, rescaled update, revival, freezing, finalization, lambda."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -309,3 +310,30 @@ def test_a_small_weight_with_a_large_gradient_revives_while_large_weights_withou
     assert revived_at is not None and revived_at < 10
     assert layer.weight_mask.tolist() == [[True, False, False, False]]
     assert float(layer.weight[0, 0]) > 100.0  # it trained once revived
+
+
+def _prune_everything(min_layer_density: float) -> tuple[nn.Sequential, AuxPruner]:
+    model = wrapped_mlp([8, 32, 16, 1])
+    cfg = AuxConfig(lam=50.0, eps=1.0, phase_steps=3, min_layer_density=min_layer_density)
+    pruner = AuxPruner(model, cfg)  # a lambda no weight's importance reaches: every latent score falls
+    ctx = StepContext(model=model, optimizers=[])
+    x, y = _task()
+    for _ in range(3):
+        pruner_step(model, pruner, ctx, x, y)
+    return model, pruner
+
+
+def test_a_layer_pruned_to_100_percent_is_reported_by_name():
+    with pytest.warns(UserWarning, match=r"layer '0' is pruned to 100%") as record:
+        model, _ = _prune_everything(0.0)
+    assert {str(w.message).split("'")[1] for w in record if "pruned to 100%" in str(w.message)} == {"0", "2"}
+    assert not bool(model[0].weight_mask.any())
+
+
+def test_min_layer_density_keeps_the_highest_scored_weights_of_every_layer():
+    model, pruner = _prune_everything(0.05)
+    for fqn, layer in pruner.linears.items():
+        kept = layer.weight_mask
+        assert int(kept.sum()) == math.ceil(0.05 * kept.numel())
+        assert pruner.latent[fqn][kept].min() >= pruner.latent[fqn][~kept].max()  # the best scores
+        assert bool((layer.weight[~kept] == 0).all())  # the rest is pruned for good after the phase

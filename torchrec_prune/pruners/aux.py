@@ -20,6 +20,7 @@ optimizer state (``set_masks_``), and training continues with that fixed mask. T
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ class AuxConfig:
         phase_steps: steps of the pruning phase, after which the mask is frozen (>= 1); ``None`` is the
             adaptation variant, which keeps updating the mask.
         targets: which Linears are pruned (the output layer only with ``include_output_layer``).
+        min_layer_density: fraction of each layer's weights kept whatever the scores (those with the
+            highest latent scores), in [0, 1). Default 0.01: a layer pruned to 100% disconnects
+            everything behind it (all dense features, when it is the bottom MLP's first layer), which no
+            sparsity penalty intends; 1% keeps a path and moves overall sparsity by at most 1% of that
+            layer. 0 turns the floor off (a layer that reaches 100% is still reported as a warning).
     """
 
     lam: float = 1.75
@@ -59,10 +65,13 @@ class AuxConfig:
     a0: float = 1.0
     phase_steps: int | None = 1000
     targets: Targets = field(default_factory=Targets)
+    min_layer_density: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:
             raise ValueError(f"AuxConfig.lam must be >= 0, got {self.lam!r}")
+        if not 0 <= self.min_layer_density < 1:
+            raise ValueError(f"AuxConfig.min_layer_density must be in [0, 1), got {self.min_layer_density!r}")
         check_weights("AuxConfig", self.w1, self.w2)
         for name in ("eps", "a0"):
             value = getattr(self, name)
@@ -94,6 +103,7 @@ class AuxPruner(PrunerBase):
             for fqn, layer in self.linears.items()
         }
         self._held: dict[str, torch.Tensor] = {}
+        self._warned: set[str] = set()  # layers reported pruned to 100% (once each)
         for layer in self.linears.values():
             layer.capture_effective_grad = True
             layer.effective_grad = None
@@ -118,7 +128,8 @@ class AuxPruner(PrunerBase):
             importance = combined_importance(cfg.w1, grad * theta, cfg.w2, theta)
             latent = self.latent[fqn]
             latent.add_(importance.float() - cfg.lam, alpha=cfg.eps)
-            keep = latent_sign(latent)
+            keep = latent_sign(latent, cfg.min_layer_density)
+            self._warn_if_empty(fqn, keep)
             layer.weight_mask.copy_(keep)
             if layer.weight.grad is not None:
                 layer.weight.grad.masked_fill_(~keep, 0.0)
@@ -133,6 +144,15 @@ class AuxPruner(PrunerBase):
         self.steps += 1
         if self.config.phase_steps is not None and self.steps >= self.config.phase_steps:
             self.finalize(ctx)
+
+    def _warn_if_empty(self, fqn: str, keep: torch.Tensor) -> None:
+        if fqn not in self._warned and not bool(keep.any()):
+            self._warned.add(fqn)
+            warnings.warn(
+                f"AuxPruner: layer {fqn!r} is pruned to 100% (lambda {self.config.lam:g}); nothing passes "
+                "through it. AuxConfig.min_layer_density keeps a floor of its weights",
+                stacklevel=3,
+            )
 
     def _restore_held(self) -> None:
         for fqn, held in self._held.items():
@@ -150,7 +170,9 @@ class AuxPruner(PrunerBase):
         for fqn, layer in self.linears.items():
             # Re-open first so that set_masks_ sees every pruned weight as newly closed and resets its state.
             layer.weight_mask.fill_(True)
-            set_masks_(layer, optimizers, name=fqn, weight_mask=latent_sign(self.latent[fqn]))
+            keep = latent_sign(self.latent[fqn], self.config.min_layer_density)
+            self._warn_if_empty(fqn, keep)
+            set_masks_(layer, optimizers, name=fqn, weight_mask=keep)
         self._stop_capturing()
         self.finalized = True
 

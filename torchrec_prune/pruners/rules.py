@@ -61,6 +61,13 @@ class TopK:
         return topk_mask(scores, keep, prefer=current)
 
 
-def latent_sign(latent: torch.Tensor) -> torch.Tensor:
-    """AUX: keep an entry while its latent score is positive."""
-    return latent > 0
+def latent_sign(latent: torch.Tensor, min_density: float = 0.0) -> torch.Tensor:
+    """AUX: keep an entry while its latent score is positive; with ``min_density`` > 0, keep at least
+    that fraction of the entries (those with the highest scores) whatever their sign."""
+    keep = latent > 0
+    floor = math.ceil(min_density * latent.numel())
+    if floor and int(keep.sum()) < floor:
+        keep = torch.zeros_like(keep).view(-1)
+        keep[torch.topk(latent.reshape(-1), floor).indices] = True
+        keep = keep.view_as(latent)
+    return keep
