@@ -67,6 +67,7 @@ CASES = [
     ),
     case("ranks-over-increment", [*TRAIN, "--nproc", "2", "--batch-size", "600"], "(600 x 2 = 1200)"),
     case("nproc-over-cores", [*TRAIN, "--nproc", "64"], "--nproc must be in [1, "),
+    case("tables-over-memory", [*TRAIN, "--num-embeddings", "1000000000"], "GiB available"),
     case("momentum-adagrad", [*TRAIN, "--momentum", "0.9"], "--momentum applies only with --optimizer sgd"),
     case(
         "restarts-one-rank", [*TRAIN, "--max-restarts", "1"], "--max-restarts applies only with --nproc > 1"

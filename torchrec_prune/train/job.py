@@ -304,6 +304,30 @@ class PreparedJob:
         return RunCheckpointer(Path(self.config.run_dir) / "checkpoints", keep=self.config.keep_checkpoints)
 
 
+# Bytes per table parameter a job holds: the weight and its Adagrad accumulator, a gradient (dense in one
+# process), and the copies a run checkpoint or a D2S snapshot makes; more than that cannot fit.
+TABLE_BYTES_PER_PARAMETER = 4 * 4
+
+
+def check_memory(model: DLRMConfig) -> None:
+    """Refuse tables that cannot fit this machine's available memory before anything is allocated.
+
+    Raises:
+        ValueError: naming --num-embeddings and --embedding-dim, the bytes needed and available.
+    """
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not reported on this platform: nothing to check against
+        return
+    needed = model.num_sparse * model.num_embeddings * model.embedding_dim * TABLE_BYTES_PER_PARAMETER
+    if needed > available:
+        raise ValueError(
+            f"--num-embeddings {model.num_embeddings} x --embedding-dim {model.embedding_dim} over "
+            f"{model.num_sparse} tables needs about {needed / 2**30:.1f} GiB (weights, optimizer state, "
+            f"gradients, checkpoint copies); this machine has {available / 2**30:.1f} GiB available"
+        )
+
+
 def prepare_job(
     config: JobConfig,
     stream: Stream | None = None,
@@ -335,6 +359,7 @@ def prepare_job(
             f"({loop.batch_size} x {world_size} = {loop.batch_size * world_size})"
         )
     stream = stream or make_stream(config)
+    check_memory(model_config_for(stream, config.model))
     settings = {**asdict(config), **(extra or {})}
     prepared = PreparedJob(config, stream, settings, None)
     if config.resume == "auto" and not overwrite:
