@@ -1,4 +1,6 @@
-"""``torchrec-prune``: command-line entry point (train, grow-prune, d2s, prune, demo, ray-train).
+"""``torchrec-prune``: command-line entry point (training paradigms, pruning, Ray jobs).
+
+Commands: train, grow-prune, d2s, prune, demo, ray-train, ray-submit, ray-status, ray-logs.
 
 Bad input (unknown flags, bad paths, out-of-range or non-finite values, flags that do not apply, data
 files without valid rows, a torn checkpoint, a run folder holding another run or whose checkpoint another
@@ -176,8 +178,9 @@ def check_flags(args: argparse.Namespace, argv: Sequence[str]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
     if not getattr(args, "lr", 1.0) <= MAX_LR:
         raise ValueError(f"--lr must be in (0, {MAX_LR:g}], got {args.lr!r}")
+    own = list(argv[: argv.index("--")] if "--" in argv else argv)  # after "--": another command's flags
     for flag, (needs, applies) in _APPLIES.items():
-        if any(_is_flag(argv, i, (flag,)) for i in range(len(argv))) and not applies(args):
+        if any(_is_flag(own, i, (flag,)) for i in range(len(own))) and not applies(args):
             raise ValueError(f"{flag} applies only with {needs}")
 
 

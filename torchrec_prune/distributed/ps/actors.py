@@ -32,6 +32,13 @@ def _numerics(threads: int) -> None:
         raise RuntimeError("this CPU does not support flush-to-zero / denormals-are-zero")
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (where ``SPREAD`` placed the actor)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def ftz_probe() -> dict[str, int]:
     """Denormal-producing arithmetic on every intra-op thread: nonzero counts must be 0 under FTZ/DAZ."""
     tiny = torch.full((4_000_000,), 1e-30)
@@ -112,6 +119,9 @@ class ServerActor:
     def ftz_probe(self) -> dict[str, int]:
         return ftz_probe()
 
+    def node_id(self) -> str:
+        return node_id()
+
 
 class TrainerActor:
     """A trainer as a Ray actor, pulling from and pushing to the server shards' actors."""
@@ -152,27 +162,39 @@ class TrainerActor:
     def ftz_probe(self) -> dict[str, int]:
         return ftz_probe()
 
+    def node_id(self) -> str:
+        return node_id()
+
 
 class ActorPool:
     """Server and trainer actors kept across runs; each run calls ``start`` on the ones it takes.
 
+    Every actor is scheduled with Ray's ``SPREAD`` strategy, so on a cluster shards and trainers go to
+    different nodes (a shard's pushes and pulls then use another node's network link and cores than the
+    trainers'); Ray's default policy would pack the driver's node first, up to half its CPUs. Not a
+    placement group: the pool starts actors lazily and reuses them for runs of other
+    sizes, while a group reserves a fixed set of bundles up front, and its bundles cannot be empty
+    where actors here default to 0 CPUs. ``SPREAD`` is best effort: with fewer nodes than actors they
+    share nodes, and no actor waits for a node that does not exist.
+
     Args:
-        actor_cpus: CPUs each actor reserves (0: actors share the node's cores, which is what lets two
-            trainers, two shards and the driver run on a 2-core machine).
+        server_cpus, trainer_cpus: CPUs each server / trainer actor reserves (0: actors share the node's
+            cores, which is what lets two trainers, two shards and the driver run on a 2-core machine).
         threads: intra-op threads of each actor.
 
     Example::
 
-        pool = ActorPool()
+        pool = ActorPool(trainer_cpus=4, server_cpus=2, threads=4)
         run_async(job, PSConfig(trainers=2), pool=pool)  # starts 1 server and 2 trainer actors
         run_async(job, PSConfig(trainers=1), pool=pool)  # reuses them
     """
 
-    def __init__(self, *, actor_cpus: float = 0.0, threads: int = 1) -> None:
+    def __init__(self, *, server_cpus: float = 0.0, trainer_cpus: float = 0.0, threads: int = 1) -> None:
         import ray
 
-        self._server_cls = ray.remote(ServerActor).options(num_cpus=actor_cpus)
-        self._trainer_cls = ray.remote(TrainerActor).options(num_cpus=actor_cpus)
+        spread = {"scheduling_strategy": "SPREAD"}
+        self._server_cls = ray.remote(ServerActor).options(num_cpus=server_cpus, **spread)
+        self._trainer_cls = ray.remote(TrainerActor).options(num_cpus=trainer_cpus, **spread)
         self.threads = threads
         self.servers: list[Any] = []
         self.trainers: list[Any] = []

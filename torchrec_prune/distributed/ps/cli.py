@@ -41,7 +41,9 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--lam", type=float, default=1.75, help="d2s: AUX sparsity penalty lambda")
     p.add_argument("--eps", type=float, default=0.2, help="d2s: AUX latent-score step")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of an embedded Ray")
-    p.add_argument("--run-dir", default="runs/ray-train")
+    p.add_argument("--trainer-cpus", type=float, default=0.0, help="CPUs each trainer actor reserves")
+    p.add_argument("--server-cpus", type=float, default=0.0, help="CPUs each server-shard actor reserves")
+    p.add_argument("--run-dir", default="runs/ray-train", help="also holds an embedded Ray's auth token")
     p.add_argument("--no-checkpoint", action="store_true")
     p.set_defaults(func=lambda args, argv: prepare_ray_train(args))
     return p
@@ -71,6 +73,11 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
     )
     if args.num_cpus < 1:
         raise ValueError(f"--num-cpus must be an integer >= 1, got {args.num_cpus}")
+    for flag, cpus in (("--trainer-cpus", args.trainer_cpus), ("--server-cpus", args.server_cpus)):
+        if cpus < 0:
+            raise ValueError(f"{flag} must be >= 0, got {cpus}")
+        if cpus and args.schedule == "d2s":
+            raise ValueError(f"{flag} applies to the asynchronous schedules, not --schedule d2s")
     config = RayTrainConfig(
         job=job_config(args, checkpoint=not args.no_checkpoint),
         ps=ps,
@@ -90,11 +97,16 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
     def run() -> int:
         import torch
 
+        from torchrec_prune.distributed.ps.actors import ActorPool
         from torchrec_prune.distributed.ps.runtime import ray_session
 
         torch.set_num_threads(1)  # the driver runs small ops; an OpenMP team would spin on actors' cores
-        with ray_session(address, num_cpus=args.num_cpus):
-            result = run_ray_d2s_job(config) if config.schedule == "d2s" else run_ray_job(config)
+        with ray_session(address, num_cpus=args.num_cpus, token_dir=args.run_dir):
+            if config.schedule == "d2s":
+                result = run_ray_d2s_job(config)
+            else:
+                pool = ActorPool(trainer_cpus=args.trainer_cpus, server_cpus=args.server_cpus)
+                result = run_ray_job(config, pool=pool)
         print(summarize_line(result, config.job.run_dir))
         return 0
 
