@@ -14,9 +14,6 @@ resume through the same ``RunCheckpointer``:
 from __future__ import annotations
 
 import json
-import logging
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from torchrec_prune.distributed.checkpoint import save_checkpoint
+from torchrec_prune.distributed.run_checkpoint import CheckpointInfo
 from torchrec_prune.metrics.writer import write_text_atomic
 from torchrec_prune.models import build_dlrm
 from torchrec_prune.numerics import enable_ftz_daz
@@ -36,14 +34,14 @@ from torchrec_prune.train.job import (
     job_device,
     model_config_for,
     run_job,
+    save_run_checkpoint,
     sharding_config,
+    start_or_resume,
     summarize_line,
 )
 from torchrec_prune.train.replica import DMPReplicaFactory, LocalReplicaFactory, Replica, ReplicaFactory
 from torchrec_prune.train.rng import rng_state, set_rng_state
 from torchrec_prune.train.trainer import make_optimizer
-
-logger = logging.getLogger(__name__)
 
 
 def run_grow_prune_job(prepared: PreparedJob, config: GrowPruneConfig) -> str:
@@ -119,7 +117,7 @@ def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
     """
     enable_ftz_daz()
     job, stream = prepared.config, prepared.stream
-    device = job_device()
+    device = job_device(job.timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     factory: ReplicaFactory
     if dist.is_initialized():  # every replica sharded with the dense model's plan
@@ -133,38 +131,25 @@ def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
         dense = build_replica(prepared, device)
         factory = LocalReplicaFactory(dense.model, lambda m: [make_optimizer(m.parameters(), job.train)])
     controller = D2SController(dense, stream, job.train, config, factory=factory, device=device)
-    checkpointer = prepared.checkpointer
-    manifest = {"config": prepared.settings, "num_rows": stream.num_rows}
     increment_rows, every = job.train.increment_rows, job.checkpoint_every
 
     def save(position: int) -> None:
         state = {"d2s": controller.state_dict(), "rng": rng_state()}
-        path = checkpointer.save(position, controller.replicas(), state, manifest)
-        logger.info("run checkpoint at row %d: %s", position, path)
+        save_run_checkpoint(prepared, position, controller.replicas(), state)
 
     def on_increment_end(k: int) -> None:
         before, after = k * increment_rows, min(stream.num_rows, (k + 1) * increment_rows)
         if every and after < stream.num_rows and after // every > before // every:
             save(after)
 
-    info = prepared.resume_from
-    if job.resume == "never":
-        checkpointer.clear()
-    elif info is not None:
-        started = time.perf_counter()
-        state = checkpointer.load_state(info)
+    def restore(info: CheckpointInfo) -> None:
+        state = prepared.checkpointer.load_state(info)
         controller.prepare_resume(state["d2s"])
-        checkpointer.load_replicas(info, controller.replicas())
+        prepared.checkpointer.load_replicas(info, controller.replicas())
         controller.load_state_dict(state["d2s"])
         set_rng_state(state["rng"])
-        logger.info(
-            "resumed from %s at row %d of %d in %.2f s (torchrun restarts so far: %s)",
-            info.path,
-            info.position,
-            stream.num_rows,
-            time.perf_counter() - started,
-            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-        )
+
+    start_or_resume(prepared, restore)
     result = controller.run(on_increment_end)
     if every:
         save(stream.num_rows)

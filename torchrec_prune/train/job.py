@@ -359,16 +359,15 @@ def prepare_job(
             f"({loop.batch_size} x {world_size} = {loop.batch_size * world_size})"
         )
     stream = stream or make_stream(config)
-    check_memory(model_config_for(stream, config.model))
+    model_config = model_config_for(stream, config.model)
+    check_memory(model_config)
     settings = {**asdict(config), **(extra or {})}
     prepared = PreparedJob(config, stream, settings, None)
     if config.resume == "auto" and not overwrite:
         info = prepared.checkpointer.latest()
         if info is not None:
             check_files(info.path)
-            check_model(
-                info, replica, wrap(build_dlrm(model_config_for(stream, config.model), device="meta"))
-            )
+            check_model(info, replica, wrap(build_dlrm(model_config, device="meta")))
             check_resume_config(info, settings)
             check_world_size(info, world_size)
         prepared.resume_from = info
@@ -436,19 +435,13 @@ def run_job(
     run_dir = Path(config.run_dir)
     replica = build_replica(prepared, device)
     checkpointer = prepared.checkpointer
-    manifest = {"config": prepared.settings, "num_rows": stream.num_rows}
 
     def save(trainer: IncrementalTrainer, final: bool = False) -> None:
         position = job_position(trainer, stream.num_rows)
         if position == stream.num_rows and not final:
             return  # the end of the stream: saved once, after the last window is flushed
-        bad = non_finite_key(replica.model)
-        if bad is not None:
-            raise NonFiniteError(f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}")
-        started = time.perf_counter()
-        path = checkpointer.save(position, {"model": replica}, trainer.state_dict(), manifest)
-        trainer.result.checkpoint_seconds += time.perf_counter() - started
-        logger.info("run checkpoint at row %d: %s", position, path)
+        seconds = save_run_checkpoint(prepared, position, {"model": replica}, trainer.state_dict())
+        trainer.result.checkpoint_seconds += seconds
 
     trainer = IncrementalTrainer(
         replica.model,
@@ -459,22 +452,12 @@ def run_job(
         checkpoint_every=config.checkpoint_every,
         on_checkpoint=save,
     )
-    info = prepared.resume_from
-    if config.resume == "never":
-        checkpointer.clear()
-    elif info is not None:
-        started = time.perf_counter()
+
+    def restore(info: CheckpointInfo) -> None:
         checkpointer.load_replicas(info, {"model": replica})
         trainer.load_state_dict(checkpointer.load_state(info))
-        trainer.result.resume_seconds = time.perf_counter() - started
-        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        logger.info(
-            "resumed from %s at row %d of %d (torchrun restarts so far: %s)",
-            info.path,
-            info.position,
-            stream.num_rows,
-            restarts,
-        )
+
+    trainer.result.resume_seconds = start_or_resume(prepared, restore)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", json.dumps(prepared.settings, indent=2))
@@ -498,6 +481,49 @@ def run_job(
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_window_metric({"model": result.records}, run_dir / "window_ce.png", title=config.data)
     return result
+
+
+def save_run_checkpoint(
+    prepared: PreparedJob, position: int, replicas: dict[str, Replica], state: dict
+) -> float:
+    """Save a run checkpoint of the job at ``position`` (collective); the seconds it took.
+
+    Raises:
+        NonFiniteError: a replica holds NaN or inf; nothing is saved and the last good checkpoint stays.
+    """
+    checkpointer = prepared.checkpointer
+    for replica in replicas.values():
+        bad = non_finite_key(replica.model)
+        if bad is not None:
+            raise NonFiniteError(f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}")
+    started = time.perf_counter()
+    manifest = {"config": prepared.settings, "num_rows": prepared.stream.num_rows}
+    path = checkpointer.save(position, replicas, state, manifest)
+    logger.info("run checkpoint at row %d: %s", position, path)
+    return time.perf_counter() - started
+
+
+def start_or_resume(prepared: PreparedJob, restore: Callable[[CheckpointInfo], None]) -> float | None:
+    """Start over (``resume="never"``: the folder's run checkpoints are deleted) or ``restore`` the run
+    checkpoint ``prepare_job`` found; the seconds restoring took (``None``: a fresh start). Collective."""
+    info = prepared.resume_from
+    if prepared.config.resume == "never":
+        prepared.checkpointer.clear()
+        return None
+    if info is None:
+        return None
+    started = time.perf_counter()
+    restore(info)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "resumed from %s at row %d of %d in %.2f s (torchrun restarts so far: %s)",
+        info.path,
+        info.position,
+        prepared.stream.num_rows,
+        seconds,
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+    )
+    return seconds
 
 
 def _kept(checkpointer: RunCheckpointer) -> str:

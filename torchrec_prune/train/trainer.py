@@ -185,7 +185,6 @@ class IncrementalTrainer:
         return {
             "step": self.ctx.step,
             "samples_seen": self.ctx.samples_seen,
-            "increment": self.ctx.increment,
             "resume_at": self.resume_position,
             "next_checkpoint": self._next_checkpoint,
             "window": self.window.state_dict(),
@@ -208,8 +207,8 @@ class IncrementalTrainer:
             )
         self.ctx.step = state["step"]
         self.ctx.samples_seen = state["samples_seen"]
-        self.ctx.increment = state["increment"]
         self._resume_at = tuple(state["resume_at"])
+        self.ctx.increment = self._resume_at[0]
         self._next_checkpoint = state["next_checkpoint"]
         self.window.load_state_dict(state["window"])
         self.flops.load_state_dict(state["flops"])
