@@ -43,7 +43,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from torchrec_prune.data.stream import Increment, Stream, iter_increments
+from torchrec_prune.data.stream import Increment, Stream, check_int, iter_increments
 from torchrec_prune.metrics.functional import bce_sum
 from torchrec_prune.metrics.window import LookAheadWindow, WindowRecord
 from torchrec_prune.metrics.writer import MetricsWriter
@@ -56,11 +56,6 @@ from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, defaul
 
 LINES = ("fixed", "adaptive", "fixed_mask", "adaptation")
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"D2SConfig.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -99,8 +94,8 @@ class D2SConfig:
     lines: tuple[str, ...] = ("fixed",)
 
     def __post_init__(self) -> None:
-        _check_int("r", self.r, 1)
-        _check_int("p", self.p, 1)
+        check_int("D2SConfig.r", self.r, 1)
+        check_int("D2SConfig.p", self.p, 1)
         if self.r < self.p:
             raise ValueError(
                 f"D2SConfig.r must be >= p (got r={self.r}, p={self.p}): with r < p more than p + 1 jobs "
@@ -111,11 +106,11 @@ class D2SConfig:
         ):
             raise ValueError(f"D2SConfig.threshold must be > 0, got {self.threshold!r}")
         if self.min_age is not None:
-            _check_int("min_age", self.min_age, 1)
+            check_int("D2SConfig.min_age", self.min_age, 1)
             if self.min_age > self.r:
                 raise ValueError(f"D2SConfig.min_age must be <= r={self.r}, got {self.min_age}")
         if self.warmup is not None:
-            _check_int("warmup", self.warmup, self.p)
+            check_int("D2SConfig.warmup", self.warmup, self.p)
         if not (isinstance(self.prune_fraction, (int, float)) and 0 < self.prune_fraction <= 1):
             raise ValueError(f"D2SConfig.prune_fraction must be in (0, 1], got {self.prune_fraction!r}")
         if not isinstance(self.aux, AuxConfig):

@@ -9,13 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from torchrec_prune.data.stream import check_int
+
 SCHEDULES = ("dense", "alternate", "prune-only", "grow-only", "dsd", "d2s")
-
-
-def _check_int(flag: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -51,12 +47,12 @@ class PSConfig:
     trace_pushes: int = 200
 
     def __post_init__(self) -> None:
-        _check_int("--trainers", self.trainers, 1)
-        _check_int("--servers", self.servers, 1)
-        _check_int("--staleness", self.staleness, 1)
-        _check_int("--cache-rows", self.cache_rows, 1)
-        _check_int("--chunk-steps", self.chunk_steps, 1)
-        _check_int("trace_pushes", self.trace_pushes, 0)
+        check_int("--trainers", self.trainers, 1)
+        check_int("--servers", self.servers, 1)
+        check_int("--staleness", self.staleness, 1)
+        check_int("--cache-rows", self.cache_rows, 1)
+        check_int("--chunk-steps", self.chunk_steps, 1)
+        check_int("trace_pushes", self.trace_pushes, 0)
         if isinstance(self.regrow_value, bool) or not (
             isinstance(self.regrow_value, (int, float)) and math.isfinite(self.regrow_value)
         ):
