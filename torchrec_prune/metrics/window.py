@@ -19,8 +19,9 @@ from torchrec_prune.metrics.functional import bce_sum, binary_auc, correct_sum, 
 
 _INT_FIELDS = frozenset({"window", "samples_end", "n"})
 _STATE_KEYS = frozenset(
-    "window_size index samples filled rank rank_counts scores labels device totals".split()
+    "window_size index samples filled rank rank_counts scores labels device totals pending".split()
 )
+_OPTIONAL_KEYS = frozenset({"pending"})  # absent from states written before batch sizes were deferred
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,17 @@ class LookAheadWindow:
     and the window's (score, label) pairs are all-gathered for AUC when a window closes, so every rank
     returns identical records. Collectives run on the device of the logits (CUDA for NCCL).
 
+    Where a window ends depends on every rank's batch size. With ``max_batch`` (a bound on any rank's
+    batch) each rank counts its batches locally and the sizes are exchanged in one collective only when
+    the bound says a window may have closed, so a training step pays no collective and no host sync for
+    metrics; records still come back from the very ``update`` that closes their window. Without it the
+    sizes are gathered at every ``update`` (batches of unknown size).
+
     Args:
         window_size: global samples per window (>= 1).
         process_group: group to reduce over; the default group when ``None`` and distributed is
             initialised.
+        max_batch: the most samples any rank passes to one ``update`` (>= 1), or ``None``.
 
     Example::
 
@@ -99,11 +107,24 @@ class LookAheadWindow:
         last = window.flush()
     """
 
-    def __init__(self, window_size: int, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        window_size: int,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        max_batch: int | None = None,
+    ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
+        if max_batch is not None and (
+            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        ):
+            raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
         self.window_size = window_size
+        self.max_batch = max_batch
         self._group = process_group
+        # Batches of this rank whose global placement is not known yet (max_batch under a process group).
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._index = 0
         self._samples = 0
         self._filled = 0
@@ -116,21 +137,14 @@ class LookAheadWindow:
 
     @property
     def samples_seen(self) -> int:
-        """Global samples consumed so far, including those in the open window."""
+        """Global samples consumed so far, including those in the open window (under a process group with
+        ``max_batch``: as of the last exchange of batch sizes)."""
         return self._samples
 
     def _world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size(self._group), dist.get_rank(self._group)
         return 1, 0
-
-    def _gather_sizes(self, n_local: int, world: int) -> list[int]:
-        if world == 1:
-            return [n_local]
-        mine = torch.tensor([n_local], dtype=torch.int64, device=self._device)
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(everyone, mine, group=self._group)
-        return [int(t.item()) for t in everyone]
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> list[WindowRecord]:
         """Add one batch of this rank; returns the windows this batch completed (usually none or one)."""
@@ -140,9 +154,37 @@ class LookAheadWindow:
             raise ValueError(f"logits has {logits.numel()} elements but labels has {labels.numel()}")
         self._device = logits.device
         world, rank = self._world()
-        sizes = self._gather_sizes(logits.numel(), world)
         if len(self._rank_counts) != world:
             self._rank_counts = [0] * world
+        if world == 1:
+            return self._place([logits.numel()], rank, logits, labels)
+        if self.max_batch is None:
+            self._pending.append((logits, labels))
+            return self._settle(world, rank)
+        if logits.numel() > self.max_batch:
+            raise ValueError(f"a batch of {logits.numel()} samples exceeds max_batch={self.max_batch}")
+        self._pending.append((logits, labels))
+        # Identical on every rank: the same number of updates and the same global counts so far.
+        if self._filled + len(self._pending) * world * self.max_batch < self.window_size:
+            return []
+        return self._settle(world, rank)
+
+    def _settle(self, world: int, rank: int) -> list[WindowRecord]:
+        """Exchange the pending batches' sizes (one collective) and place them in windows, in order."""
+        pending, self._pending = self._pending, []
+        mine = torch.tensor([logits.numel() for logits, _ in pending], dtype=torch.int64, device=self._device)
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine, group=self._group)
+        table = torch.stack(everyone, dim=1).tolist()  # one row per pending batch, one column per rank
+        records: list[WindowRecord] = []
+        for (logits, labels), sizes in zip(pending, table, strict=True):
+            records += self._place(sizes, rank, logits, labels)
+        return records
+
+    def _place(
+        self, sizes: list[int], rank: int, logits: torch.Tensor, labels: torch.Tensor
+    ) -> list[WindowRecord]:
+        """Cut one step (``sizes[r]`` samples on rank ``r``) into windows; this rank's part is ``logits``."""
         bounds = [0]
         for size in sizes:
             bounds.append(bounds[-1] + size)
@@ -150,7 +192,7 @@ class LookAheadWindow:
         start = 0
         while start < bounds[-1]:
             stop = start + min(self.window_size - self._filled, bounds[-1] - start)
-            for r in range(world):
+            for r in range(len(sizes)):
                 self._rank_counts[r] += max(0, min(stop, bounds[r + 1]) - max(start, bounds[r]))
             lo, hi = max(start, bounds[rank]) - bounds[rank], min(stop, bounds[rank + 1]) - bounds[rank]
             if hi > lo:
@@ -165,6 +207,10 @@ class LookAheadWindow:
 
     def flush(self) -> WindowRecord | None:
         """Close the open, partial window (``None`` when it is empty). Call on every rank."""
+        if self._pending:
+            world, rank = self._world()
+            closed = self._settle(world, rank)
+            assert not closed, "a window that could close was settled by its update"
         return self._close() if self._filled else None
 
     def totals(self) -> StreamTotals:
@@ -176,13 +222,16 @@ class LookAheadWindow:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's view of the window, for exact resume: counters, the whole-stream sums, and the
-        open window's counts per rank with this rank's part of its scores and labels (CPU copies).
+        open window's counts per rank with this rank's part of its scores and labels (CPU copies),
+        followed by the batches whose sizes were not exchanged yet (``pending``: their sizes).
 
         Every rank saves its own state, since each holds only its part of the open window.
         """
         _, rank = self._world()
-        scores = torch.cat(self._scores) if self._scores else torch.empty(0)
-        labels = torch.cat(self._labels) if self._labels else torch.empty(0)
+        parts = [*self._scores, *(logits for logits, _ in self._pending)]
+        label_parts = [*self._labels, *(labels.float() for _, labels in self._pending)]
+        scores = torch.cat(parts) if parts else torch.empty(0)
+        labels = torch.cat(label_parts) if label_parts else torch.empty(0)
         return {
             "window_size": self.window_size,
             "index": self._index,
@@ -194,6 +243,7 @@ class LookAheadWindow:
             "labels": labels.cpu(),
             "device": str(self._device),
             "totals": list(self._totals),
+            "pending": [logits.numel() for logits, _ in self._pending],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,10 +254,11 @@ class LookAheadWindow:
             ValueError: keys or ``window_size`` differ, or the open window is non-empty and the state
                 comes from another number of ranks or another rank: its partial sums are per rank.
         """
-        if set(state) != _STATE_KEYS:
+        if not _STATE_KEYS - _OPTIONAL_KEYS <= set(state) <= _STATE_KEYS:
             raise ValueError(
                 f"LookAheadWindow state must have keys {sorted(_STATE_KEYS)}, got {sorted(state)}"
             )
+        pending = list(state.get("pending", []))
         if state["window_size"] != self.window_size:
             raise ValueError(
                 f"LookAheadWindow state has window_size {state['window_size']}, this window has "
@@ -215,19 +266,24 @@ class LookAheadWindow:
             )
         world, rank = self._world()
         saved_world = len(state["rank_counts"])
-        if state["filled"] and (saved_world, state["rank"]) != (world, rank):
+        if (state["filled"] or pending) and (saved_world, state["rank"]) != (world, rank):
             raise ValueError(
                 f"LookAheadWindow state of rank {state['rank']} of {saved_world} cannot be loaded on rank "
-                f"{rank} of {world}: its open window holds {state['filled']} samples whose partial sums are "
-                "per rank; resume with the same world size, or from a checkpoint at a window boundary"
+                f"{rank} of {world}: its open window holds {state['filled']} samples (and "
+                f"{len(pending)} batches not placed yet) whose partial sums are per rank; resume with the "
+                "same world size, or from a checkpoint at a window boundary"
             )
         self._index = state["index"]
         self._samples = state["samples"]
         self._filled = state["filled"]
         self._rank_counts = list(state["rank_counts"])
         self._device = torch.device(state["device"])
-        self._scores = [state["scores"].to(self._device, copy=True)] if state["scores"].numel() else []
-        self._labels = [state["labels"].to(self._device, copy=True)] if state["labels"].numel() else []
+        scores = state["scores"].to(self._device, copy=True)
+        labels = state["labels"].to(self._device, copy=True)
+        placed = scores.numel() - sum(pending)
+        self._scores = [scores[:placed]] if placed else []
+        self._labels = [labels[:placed]] if placed else []
+        self._pending = list(zip(scores[placed:].split(pending), labels[placed:].split(pending), strict=True))
         self._totals = list(state["totals"])
 
     def _close(self) -> WindowRecord:

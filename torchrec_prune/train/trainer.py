@@ -167,7 +167,8 @@ class IncrementalTrainer:
         self.writer = writer
         self.device = torch.device(device)
         self.forward_fn = forward_fn
-        self.window = LookAheadWindow(config.window, process_group=process_group)
+        # Batches hold at most batch_size rows per rank, so window sizes are exchanged once per window.
+        self.window = LookAheadWindow(config.window, process_group=process_group, max_batch=config.batch_size)
         self.flops = FlopsMeter()
         self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(process_group) if dist.is_initialized() else 0
