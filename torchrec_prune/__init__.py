@@ -14,6 +14,7 @@ from torchrec_prune.masks import (
     unwrap,
     wrap,
 )
+from torchrec_prune.masks.export import export, load_exported, save_exported
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
 
 __version__ = "0.1.0"
@@ -27,9 +28,12 @@ __all__ = [
     "apply_masks_",
     "count_denormals",
     "enable_ftz_daz",
+    "export",
     "grow_",
+    "load_exported",
     "masked_modules",
     "prune_",
+    "save_exported",
     "set_masks_",
     "unwrap",
     "wrap",

@@ -1,6 +1,7 @@
 """``torchrec-prune``: command-line entry point (training paradigms, pruning, Ray jobs).
 
-Commands: train, grow-prune, d2s, prune, demo, ray-train, ray-submit, ray-status, ray-logs.
+Commands: train, grow-prune, d2s, prune, compress, export, demo, ray-train, ray-submit, ray-status,
+ray-logs.
 
 Bad input (unknown flags, bad paths, out-of-range or non-finite values, flags that do not apply, data
 files without valid rows, a torn checkpoint, a run folder holding another run or whose checkpoint another
@@ -443,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_args(demo, rows=60_000, window=3_000, increment_rows=10_000)
     demo.add_argument("--run-dir", default="runs/demo")
     demo.set_defaults(func=_cmd_demo)
+
+    from torchrec_prune.compress import add_compress_parsers
+
+    add_compress_parsers(sub)
 
     from torchrec_prune.distributed.ps.cli import add_ray_train_parser  # it imports this module's helpers
 

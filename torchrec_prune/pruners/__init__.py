@@ -1,4 +1,4 @@
-"""Pruning algorithms as trainer hooks: AUX, gradual MP/TP/MoP and structured Taylor neuron pruning.
+"""Pruning algorithms as trainer hooks: AUX, gradual MP/TP/MoP, structured Taylor neuron pruning and UMEC.
 
 Each algorithm composes an importance scorer (``torchrec_prune.importance``), a mask rule (``rules``)
 and a schedule (``schedules``) over the modules chosen by ``Targets``.
@@ -23,6 +23,7 @@ from torchrec_prune.pruners.structured import (
     prune_neurons,
 )
 from torchrec_prune.pruners.targets import Targets, output_layer_fqn
+from torchrec_prune.pruners.umec import UMECConfig, UMECPruner
 
 __all__ = [
     "AuxConfig",
@@ -39,6 +40,8 @@ __all__ = [
     "StructuredConfig",
     "Targets",
     "TopK",
+    "UMECConfig",
+    "UMECPruner",
     "grow_neurons",
     "latent_sign",
     "magnitude_pruner",

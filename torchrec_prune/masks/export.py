@@ -1,0 +1,235 @@
+"""Compaction: a structured-masked model becomes a physically smaller plain TorchRec model (SPEC 3).
+
+``export`` removes what the masks close and nothing else, so the plain model computes what the masked
+one computes:
+
+- a closed neuron whose column is closed in the Linear that reads it (``neuron_successors``, as
+  structured pruners and UMEC close them): the row and the column go;
+- in a TorchRec DLRM with the dot interaction (``DLRMLayout``): gated-off features leave the
+  ``EmbeddingBagCollection`` (a table whose features are all gated goes with them) and their dot
+  products leave the top MLP's first Linear; embedding columns closed in *every* table, with the same
+  outputs of the bottom MLP, leave every table, the bottom MLP and the top MLP's dense columns;
+- everything else that is masked (element masks, a closed neuron whose reader keeps the column) stays
+  in place as exact zeros.
+
+The result holds only torch and torchrec modules (``nn.Linear``, ``EmbeddingBagCollection``, DLRM's own
+archs rebuilt for the new sizes), so ``torch.save`` of it loads where torchrec_prune is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import InteractionArch, SparseArch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mlp import Perceptron
+
+from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection, MaskedEmbeddings
+from torchrec_prune.masks.layout import DLRMLayout, dlrm_layouts
+from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.masks.wrap import _refuse_sharded, masked_modules
+
+EXPORT_FORMAT = 1
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What to remove: rows and columns per Linear, and the new shape of each DLRM's embeddings."""
+
+    rows: dict[str, set[int]] = dataclasses.field(default_factory=dict)
+    cols: dict[str, set[int]] = dataclasses.field(default_factory=dict)
+    features: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # EBC -> kept features
+    dims: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # EBC -> kept columns
+
+    def remove(self, kind: str, fqn: str, indices) -> None:
+        getattr(self, kind).setdefault(fqn, set()).update(int(i) for i in indices)
+
+
+def export(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """A compacted plain copy of a structured-masked model and the mapping from new to old indices.
+
+    ``model`` is left as it is. The mapping (plain Python values) gives, per Linear, the kept ``rows``
+    and ``cols`` (old indices, in new order), and per DLRM embedding collection the kept ``features``
+    (names, in order), the dropped ones, and the kept embedding ``columns``.
+
+    Raises:
+        TypeError: the model is DMP-sharded (load its checkpoint into an unsharded wrapped model first).
+        ValueError: nothing structured to remove; embedding masks where the model's reading of the
+            embeddings is unknown (anything but TorchRec's DLRM with the dot interaction); columns closed
+            in some DLRM tables but not all (the dot products need one dimension for every table and
+            for the bottom MLP's output); every feature of a DLRM gated off.
+
+    Example::
+
+        plain, mapping = export(model)
+        save_exported(plain, mapping, "model.pt")
+        # anywhere with torch and torchrec: torch.load("model.pt", weights_only=False)["model"]
+    """
+    _refuse_sharded(model)
+    modules = dict(model.named_modules())
+    plan = _Plan()
+    _plan_neurons(model, plan)
+    layouts = {layout.ebc: layout for layout in dlrm_layouts(model)}
+    for fqn, module in masked_modules(model):
+        if not isinstance(module, MaskedEmbeddings):
+            continue
+        if fqn in layouts:
+            _plan_dlrm(layouts[fqn], modules, plan)
+        elif not all(bool(m.all()) for m in module.mask_buffers().values()):
+            raise ValueError(
+                f"cannot export {fqn!r}: it has features gated off or embedding columns closed, and export "
+                "removes those only from TorchRec's DLRM with the dot interaction, whose reading of the "
+                "embeddings it knows; open them, or bake them in as zeros with torchrec_prune.unwrap"
+            )
+    removed = sum(len(v) for v in (*plan.rows.values(), *plan.cols.values()))
+    removed += sum(len(layouts[f].features) - len(kept) for f, kept in plan.features.items())
+    if not removed:
+        raise ValueError(
+            "nothing structured to remove: no closed neuron whose input is closed in the next layer, no "
+            "gated-off feature and no embedding column closed in every table of a DLRM (element masks "
+            "alone are baked in as zeros by torchrec_prune.unwrap)"
+        )
+    plain = copy.deepcopy(model)
+    plain_modules = dict(plain.named_modules())
+    mapping: dict[str, Any] = {"format": EXPORT_FORMAT, "linears": {}, "embeddings": {}}
+    for fqn, layout in layouts.items():
+        mapping["embeddings"][fqn] = _rebuild_dlrm(layout, plain_modules, plan)
+    for fqn, module in list(masked_modules(plain)):
+        if isinstance(module, MaskedLinear):
+            new, kept = _compact_linear(module, plan.rows.get(fqn, set()), plan.cols.get(fqn, set()))
+            mapping["linears"][fqn] = kept
+        elif fqn in layouts:
+            continue  # already replaced with its DLRM's sparse arch
+        else:
+            new = module.inner  # every mask open (checked above)
+        _replace(plain, fqn, new)
+    plain.train(model.training)
+    return plain, mapping
+
+
+def _plan_neurons(model: nn.Module, plan: _Plan) -> None:
+    from torchrec_prune.pruners.structured import neuron_successors  # pruners build on masks
+
+    modules = dict(model.named_modules())
+    for producer, consumer in neuron_successors(model).items():
+        p, c = modules[producer], modules[consumer]
+        gone = torch.nonzero(~p.neuron_mask.cpu() & ~c.input_mask.cpu()).squeeze(1).tolist()
+        plan.remove("rows", producer, gone)
+        plan.remove("cols", consumer, gone)
+
+
+def _plan_dlrm(layout: DLRMLayout, modules: dict[str, nn.Module], plan: _Plan) -> None:
+    ebc = modules[layout.ebc]
+    assert isinstance(ebc, MaskedEmbeddingBagCollection)
+    gate = ebc.feature_gate.cpu()
+    index = {name: i for i, name in enumerate(ebc.feature_names)}
+    kept = [f for f, name in enumerate(layout.features) if bool(gate[index[name]])]
+    if not kept:
+        raise ValueError(f"cannot export {layout.ebc!r}: every feature is gated off (DLRM needs one)")
+    live = [t for t in ebc.table_names if any(bool(gate[index[f]]) for f in _features_of(ebc, t))]
+    closed = {t: set(torch.nonzero(~ebc.dim_mask(t).cpu()).squeeze(1).tolist()) for t in live}
+    common = set.intersection(*closed.values())
+    uneven = next((t for t in live if closed[t] != common), None)
+    if uneven is not None:
+        raise ValueError(
+            f"cannot export {layout.ebc!r}: DLRM's dot interaction needs one embedding dimension for every "
+            f"table and for the output of {layout.bottom_last!r}, but table {uneven!r} closes columns "
+            f"{sorted(closed[uneven])} while columns {sorted(common)} are closed in every table; export "
+            "removes a column only when every table closes it (common-dimension reduction)"
+        )
+    bottom = modules[layout.bottom_last]
+    open_outputs = [k for k in sorted(common) if bool(bottom.neuron_mask[k])]
+    if open_outputs:
+        raise ValueError(
+            f"cannot export {layout.ebc!r}: columns {open_outputs} are closed in every table but outputs "
+            f"{open_outputs} of {layout.bottom_last!r} are open, and DLRM's dot interaction needs one "
+            "dimension for both; close those outputs too (UMEC's dims groups close both)"
+        )
+    dims = [k for k in range(layout.dim) if k not in common]
+    plan.remove("rows", layout.bottom_last, common)
+    top = modules[layout.top_first]
+    keep = set(layout.kept_columns(kept, dims).tolist())
+    plan.remove("cols", layout.top_first, [c for c in range(top.in_features) if c not in keep])
+    plan.features[layout.ebc] = kept
+    plan.dims[layout.ebc] = dims
+
+
+def _features_of(ebc: MaskedEmbeddingBagCollection, table: str) -> list[str]:
+    return [f for f in ebc.feature_names if ebc.table_of(f) == table]
+
+
+@torch.no_grad()
+def _rebuild_dlrm(layout: DLRMLayout, modules: dict[str, nn.Module], plan: _Plan) -> dict[str, Any]:
+    """Give the (copied) DLRM a plain EBC of the kept features and columns and matching archs."""
+    masked = modules[layout.ebc]
+    assert isinstance(masked, MaskedEmbeddingBagCollection)
+    kept_names = [layout.features[f] for f in plan.features[layout.ebc]]
+    dims = plan.dims[layout.ebc]
+    weights = masked.inner.state_dict()
+    configs, tables = [], {}
+    for config in masked.embedding_bag_configs():
+        names = [f for f in config.feature_names if f in kept_names]
+        if not names:
+            continue
+        configs.append(dataclasses.replace(config, embedding_dim=len(dims), feature_names=names))
+        tables[config.name] = weights[masked.weight_key(config.name)][:, dims]
+    device = next(iter(tables.values())).device
+    ebc = EmbeddingBagCollection(tables=configs, is_weighted=masked.inner.is_weighted(), device=device)
+    for name, weight in tables.items():
+        ebc.embedding_bags[name].weight.copy_(weight)
+    dlrm = modules[layout.dlrm]
+    dlrm.sparse_arch = SparseArch(ebc)
+    dlrm.inter_arch = InteractionArch(num_sparse_features=len(kept_names))
+    return {
+        "features": kept_names,
+        "dropped_features": [f for f in layout.features if f not in kept_names],
+        "tables": [c.name for c in configs],
+        "columns": dims,
+    }
+
+
+@torch.no_grad()
+def _compact_linear(layer: MaskedLinear, rows: set[int], cols: set[int]) -> tuple[nn.Linear, dict]:
+    keep_rows = [r for r in range(layer.out_features) if r not in rows]
+    keep_cols = [c for c in range(layer.in_features) if c not in cols]
+    weight = layer.effective_weight()[keep_rows][:, keep_cols]
+    plain = nn.Linear(len(keep_cols), len(keep_rows), bias=layer.bias is not None, device=weight.device)
+    plain = plain.to(weight.dtype)
+    plain.weight.copy_(weight)
+    bias = layer.effective_bias()
+    if bias is not None:
+        plain.bias.copy_(bias[keep_rows])
+    return plain, {"rows": keep_rows, "cols": keep_cols}
+
+
+def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, attr = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+    if isinstance(parent, Perceptron) and isinstance(new, nn.Linear):
+        parent._in_size, parent._out_size = new.in_features, new.out_features
+
+
+def save_exported(model: nn.Module, mapping: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``{"model": model, "mapping": mapping}`` with ``torch.save`` (by one rename).
+
+    Loading needs torch and torchrec only: ``torch.load(path, weights_only=False)["model"]`` (the file
+    holds pickled module classes: load files you trust).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save({"model": model, "mapping": mapping}, tmp)
+    os.replace(tmp, path)
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, mapping)`` from a file written by ``save_exported``."""
+    saved = torch.load(path, weights_only=False)
+    return saved["model"], saved["mapping"]

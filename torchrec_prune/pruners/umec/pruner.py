@@ -1,0 +1,330 @@
+"""UMEC: learn under a FLOPs budget how many features, embedding columns and neurons to remove (SPEC 7).
+
+Per group layer ``l`` (``groups.py``) a continuous count ``s_l`` says how many groups to remove; the
+``ceil(s_l)`` groups with the smallest L2 norms are the candidates. Dual variables ``y_l >= 0`` (one per
+layer, sparsity) and ``z_r >= 0`` (one per resource: FLOPs, and optionally parameter bytes) turn the
+constraints into penalties of a minimax problem, solved with one update of every variable per step
+(paper, Algorithm 1), after the weight optimizer's step:
+
+1. proximal step: the ``ceil(s_l)`` smallest groups are shrunk by ``1 / (1 + 2 * eta1 * y_l)``;
+2. ``s <- s - eta2 * (dS/ds + sum_r z_r * dR_r/ds)`` with Adam and the appendix's straight-through
+   estimates: ``dS/ds_l = y_l * ||group||^2`` of the ``(ceil(s_l) + 1)``-th smallest group and
+   ``dR/ds_l = R(ceil(s) + e_l) - R(ceil(s))`` (``d ceil(s)/ds = 1``);
+3. ``y_l <- y_l + eta3 * (squared norm of the ceil(s_l) smallest groups)``;
+4. ``z_r <- max(0, z_r + eta4 * (R_r(ceil(s)) - budget_r))``, with ``R`` a fraction of the dense model.
+
+At the end of the phase (``finalize``) the ``ceil(s_l)`` smallest groups of every layer are removed by
+closing their masks (exact zeros, fresh optimizer state, fused table state included). The minimax
+iterates may sit just above the budget when the phase ends, so removal goes on greedily, one group at
+a time where it saves most of the exceeded resource per unit of squared norm, until every resource is
+within its budget: the removed model always fits.
+
+``s_l`` moves, by Adam, about ``eta2 * n_l`` groups per step (``eta2`` is a fraction of the layer), so
+the same setting works for layers of 4 and of 512 groups and for phases of hundreds of steps.
+
+Under DMP every rank computes the same decisions: group norms are averaged over ranks (one collective
+per step) before anything is derived from them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchrec_prune.importance.reduce import all_reduce_mean_
+from torchrec_prune.importance.state import check_keys
+from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
+from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.pruners.base import OptimizersArg, PrunerBase, optimizers_of
+from torchrec_prune.pruners.schedules import check_steps
+from torchrec_prune.pruners.targets import Targets
+from torchrec_prune.pruners.umec.groups import (
+    GroupLayer,
+    check_disjoint,
+    close_groups,
+    dlrm_layers,
+    is_open,
+    neuron_layers,
+    shrink_,
+    squared_norms,
+    touched_modules,
+)
+from torchrec_prune.pruners.umec.resource import RESOURCES, ResourceModel
+from torchrec_prune.train.hooks import StepContext
+
+
+def check_budget(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction of the dense model in (0, 1], got {value!r}")
+
+
+@dataclass
+class UMECConfig:
+    """Settings of a UMEC phase, validated here.
+
+    Args:
+        budget: FC FLOPs allowed, as a fraction of the dense model's (SPEC 2), in (0, 1].
+        bytes_budget: optional second resource: parameter bytes (Linears and wrapped tables) allowed, as
+            a fraction of the dense model's, in (0, 1].
+        phase_steps: training steps of the phase; groups are removed after the last one (>= 1).
+        eta1: proximal step (the paper's weight learning rate), > 0.
+        eta2: Adam step of ``s``, as a fraction of each layer's groups per step, > 0.
+        eta3: ascent step of the sparsity duals ``y``, >= 0.
+        eta4: ascent step of the resource duals ``z`` (resources in fractions of dense), > 0.
+        features: learn which sparse features to drop (DLRM with dot interaction).
+        embedding_dims: learn DLRM's common embedding dimension.
+        neurons: learn the neurons of every hidden layer selected by ``targets``.
+        targets: which hidden layers (producer FQNs) have neuron groups.
+        record_every: steps between entries of ``history`` (the learned allocation over training).
+
+    Example::
+
+        config = UMECConfig(budget=0.5, phase_steps=2000)
+    """
+
+    budget: float
+    bytes_budget: float | None = None
+    phase_steps: int = 1000
+    eta1: float = 0.1
+    eta2: float = 0.01
+    eta3: float = 0.1
+    eta4: float = 2.0
+    features: bool = True
+    embedding_dims: bool = True
+    neurons: bool = True
+    targets: Targets = field(default_factory=Targets)
+    record_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_budget("UMECConfig.budget (--budget)", self.budget)
+        if self.bytes_budget is not None:
+            check_budget("UMECConfig.bytes_budget (--bytes-budget)", self.bytes_budget)
+        check_steps("UMECConfig", "phase_steps", self.phase_steps)
+        check_steps("UMECConfig", "record_every", self.record_every)
+        for name in ("eta1", "eta2", "eta4"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"UMECConfig.{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.eta3, (int, float)) and 0 <= self.eta3 < math.inf):
+            raise ValueError(f"UMECConfig.eta3 must be a finite number >= 0, got {self.eta3!r}")
+        if self.targets.include_output_layer:
+            raise ValueError("UMECConfig.targets.include_output_layer must be False: output neurons stay")
+
+    @property
+    def budgets(self) -> dict[str, float]:
+        """Budget per resource in use (FLOPs always, bytes when set)."""
+        out = {"flops": float(self.budget)}
+        if self.bytes_budget is not None:
+            out["bytes"] = float(self.bytes_budget)
+        return out
+
+
+def find_layers(model: nn.Module, config: UMECConfig) -> list[GroupLayer]:
+    """The group layers ``config`` asks for, checked to be disjoint."""
+    layers = neuron_layers(model, config.targets) if config.neurons else []
+    layers += dlrm_layers(model, features=config.features, dims=config.embedding_dims)
+    if not layers:
+        raise ValueError(
+            "UMEC: the model has no group to remove (no hidden MaskedLinear feeding another through a "
+            "Sequential chain, no wrapped DLRM with a dot interaction); call torchrec_prune.wrap(model) "
+            "first, or enable more group kinds"
+        )
+    check_disjoint(layers)
+    return layers
+
+
+class UMECPruner(PrunerBase):
+    """Resource-constrained joint feature selection, embedding-dimension reduction and neuron pruning.
+
+    Raises (at construction, before any training):
+        ValueError: a budget outside (0, 1]; a budget below the smallest model that keeps one group per
+            layer; no group to remove; a structured mask already closed.
+
+    Example::
+
+        pruner = UMECPruner(model, UMECConfig(budget=0.5, phase_steps=2000))
+        IncrementalTrainer(model, TrainConfig(), hooks=[pruner]).run(stream)
+        pruner.allocation()  # {"neurons:...": (removed, groups), ...}
+    """
+
+    def __init__(self, model: nn.Module, config: UMECConfig) -> None:
+        layers = find_layers(model, config)
+        self._modules = touched_modules(layers, dict(model.named_modules()))
+        closed = [fqn for fqn, module in self._modules.items() if not is_open(module)]
+        if closed:
+            raise ValueError(f"UMEC starts from a model whose structured masks are open; closed in {closed}")
+        super().__init__(
+            {f: m for f, m in self._modules.items() if isinstance(m, MaskedLinear)},
+            {f: m for f, m in self._modules.items() if isinstance(m, MaskedEmbeddingBagCollection)},
+        )
+        self.config = config
+        self.layers = layers
+        self.resource = ResourceModel(model, layers)
+        self.budgets = torch.tensor([config.budgets.get(r, math.inf) for r in RESOURCES])
+        smallest = self.resource.smallest()
+        for r, (name, least) in enumerate(zip(RESOURCES, smallest, strict=True)):
+            if self.budgets[r] < least:
+                flag = "--budget" if name == "flops" else "--bytes-budget"
+                raise ValueError(
+                    f"{flag} {float(self.budgets[r]):g} is below the smallest model that keeps one group "
+                    f"per layer ({least:.4f} of the dense model's {name}); give {flag} >= {least:.4f}"
+                )
+        self.sizes = torch.tensor([layer.size for layer in layers], dtype=torch.float32)
+        self.u = torch.zeros(len(layers), requires_grad=True)  # s_l / n_l
+        self._adam = torch.optim.Adam([self.u], lr=config.eta2)
+        self.y = torch.zeros(len(layers))
+        self.z = torch.zeros(len(RESOURCES))
+        self.history: list[dict[str, Any]] = []
+        self.removed: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def s(self) -> torch.Tensor:
+        """Continuous number of groups to remove, per layer."""
+        return self.u.detach() * self.sizes
+
+    def counts(self) -> list[int]:
+        """``ceil(s_l)``, at most ``n_l - 1`` (every layer keeps a group)."""
+        ks = torch.ceil(self.s - 1e-6).clamp(min=0)
+        return [min(int(k), layer.size - 1) for k, layer in zip(ks, self.layers, strict=True)]
+
+    def allocation(self) -> dict[str, tuple[int, int]]:
+        """Per group layer, ``(groups removed, groups)``: the current ``ceil(s)``, or what ``finalize``
+        removed."""
+        counts = [self.removed[layer.name] for layer in self.layers] if self.finalized else self.counts()
+        return {layer.name: (k, layer.size) for layer, k in zip(self.layers, counts, strict=True)}
+
+    def _norms(self) -> list[torch.Tensor]:
+        norms = squared_norms(self.layers, self._modules)
+        flat = torch.cat(norms)
+        all_reduce_mean_([flat])  # every rank ranks the same groups
+        return list(flat.split([layer.size for layer in self.layers]))
+
+    # ----------------------------------------------------------------------------------------------
+    def after_step(self, ctx: StepContext) -> None:
+        if self.finalized:
+            return
+        self.steps += 1
+        self.update()
+        if self.steps >= self.config.phase_steps:
+            self.finalize(ctx)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One UMEC iteration on the current weights (after the optimizer's step)."""
+        cfg = self.config
+        norms = self._norms()
+        orders = [torch.argsort(n, stable=True) for n in norms]
+        ks = self.counts()
+        profiles = self.resource.profiles(orders)
+        now = torch.tensor(self.resource.evaluate(profiles, ks))
+        # 1. proximal step on the ceil(s) smallest groups
+        for layer, norm, order, k, y in zip(self.layers, norms, orders, ks, self.y.tolist(), strict=True):
+            if k and y > 0:
+                factor = torch.ones(layer.size)
+                factor[order[:k]] = 1.0 / (1.0 + 2.0 * cfg.eta1 * y)
+                shrink_(layer, factor, self._modules)
+                norm.mul_(factor.square())
+        # 2. s: straight-through gradient, Adam step
+        grad = torch.zeros(len(self.layers))
+        for i, (layer, norm, order, k) in enumerate(zip(self.layers, norms, orders, ks, strict=True)):
+            d_sparsity = self.y[i] * norm[order[min(k, layer.size - 1)]]
+            d_resource = torch.zeros(len(RESOURCES))
+            if k + 1 <= layer.size - 1:
+                step = list(ks)
+                step[i] += 1
+                d_resource = torch.tensor(self.resource.evaluate(profiles, step)) - now
+            grad[i] = (d_sparsity + (self.z * d_resource).sum()) * layer.size
+        with torch.enable_grad():
+            self.u.grad = grad
+            self._adam.step()
+        self.u.clamp_(min=torch.zeros_like(self.sizes), max=(self.sizes - 1) / self.sizes)
+        # 3. y: squared norm of the ceil(s) smallest groups of the new weights
+        for i, (norm, k) in enumerate(zip(norms, self.counts(), strict=True)):
+            self.y[i] += cfg.eta3 * float(torch.sort(norm).values[:k].sum())
+        # 4. z: resource excess over the budget
+        excess = torch.where(torch.isinf(self.budgets), torch.zeros_like(now), now - self.budgets)
+        self.z = (self.z + cfg.eta4 * excess).clamp(min=0)
+        if self.steps % cfg.record_every == 0:
+            self._record(ks, now)
+
+    def _record(self, ks: list[int], resources: torch.Tensor) -> None:
+        self.history.append(
+            {
+                "step": self.steps,
+                "removed": {layer.name: k for layer, k in zip(self.layers, ks, strict=True)},
+                **{name: float(resources[r]) for r, name in enumerate(RESOURCES)},
+            }
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def finalize(self, ctx_or_optimizers: OptimizersArg = None) -> None:
+        """Remove the ``ceil(s_l)`` smallest groups of every layer, and more until within budget."""
+        if self.finalized:
+            return
+        norms = self._norms()
+        orders = [torch.argsort(n, stable=True) for n in norms]
+        profiles = self.resource.profiles(orders)
+        ks = self._fit(self.counts(), norms, orders, profiles)
+        optimizers = optimizers_of(ctx_or_optimizers)
+        for layer, order, k in zip(self.layers, orders, ks, strict=True):
+            removed = torch.zeros(layer.size, dtype=torch.bool)
+            removed[order[:k]] = True
+            close_groups(layer, removed, self._modules, optimizers)
+        self.removed = {layer.name: k for layer, k in zip(self.layers, ks, strict=True)}
+        self._record(ks, torch.tensor(self.resource.evaluate(profiles, ks)))
+        self.finalized = True
+
+    def _fit(self, ks: list[int], norms, orders, profiles) -> list[int]:
+        """Remove more groups, greedily, until every resource is within its budget."""
+        ks = list(ks)
+        while True:
+            now = torch.tensor(self.resource.evaluate(profiles, ks))
+            over = now > self.budgets + 1e-12
+            if not bool(over.any()):
+                return ks
+            best, best_ratio = None, -1.0
+            for i, layer in enumerate(self.layers):
+                if ks[i] >= layer.size - 1:
+                    continue
+                step = list(ks)
+                step[i] += 1
+                saving = float(((now - torch.tensor(self.resource.evaluate(profiles, step))) * over).sum())
+                ratio = saving / (float(norms[i][orders[i][ks[i]]]) + 1e-12)
+                if saving > 0 and ratio > best_ratio:
+                    best, best_ratio = i, ratio
+            if best is None:  # the construction-time check makes this unreachable
+                raise RuntimeError(f"UMEC cannot meet the budgets {self.budgets.tolist()}: at {now.tolist()}")
+            ks[best] += 1
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, finalized flag, unit shapes, ``s`` (as ``u = s / n``), ``y``, ``z``, Adam's state, the
+        history and what ``finalize`` removed."""
+        return {
+            **super().state_dict(),
+            "u": self.u.detach().clone(),
+            "y": self.y.clone(),
+            "z": self.z.clone(),
+            "adam": self._adam.state_dict(),
+            "history": list(self.history),
+            "removed": dict(self.removed),
+            "layers": [layer.name for layer in self.layers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        check_keys("UMECPruner", state, self.state_dict())
+        if state["layers"] != [layer.name for layer in self.layers]:
+            raise ValueError(f"UMECPruner state is for group layers {state['layers']}, not these")
+        with torch.no_grad():
+            self.u.copy_(state["u"])
+        self.y = state["y"].clone()
+        self.z = state["z"].clone()
+        self._adam.load_state_dict(state["adam"])
+        self.history = list(state["history"])
+        self.removed = dict(state["removed"])
