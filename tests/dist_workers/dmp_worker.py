@@ -162,7 +162,7 @@ def mask_keys(model: torch.nn.Module) -> list[str]:
     return sorted(
         f"{fqn}.{name}"
         for fqn, module in masked_modules(model)
-        for name, _ in module.named_buffers()
+        for name in module.state_dict(keep_vars=True)  # an open element mask is a key, not a held buffer
         if name.endswith(("_mask", "feature_gate")) or name.startswith("dim_masks.")
     )
 

@@ -1,4 +1,9 @@
-"""Mask-aware ``nn.Linear`` with an element mask and a neuron (output-row) mask (SPEC 3)."""
+"""Mask-aware ``nn.Linear`` with an element mask and a neuron (output-row) mask (SPEC 3).
+
+The element mask has one bool per weight, as many bytes as a quarter of the float weights; most runs
+prune neurons only, so it is allocated the first time it is read or written and released when a mask
+change or a load leaves it all open (see ``MaskedLinear.element_mask``).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,12 @@ class MaskedLinear(nn.Linear):
     previous layer's neurons are pruned), the forward gathers the active sub-matrix and runs the smaller
     matmul, then scatters the kept outputs back into a full-width tensor of zeros: structured sparsity
     saves real time.
+
+    ``weight_mask`` reads like a buffer (``layer.weight_mask[0, 1] = False`` works) but is held only while
+    some element is closed: reading the attribute allocates it, ``set_masks_`` and ``load_state_dict``
+    release it when it is all open, and ``state_dict()`` writes an open one as ones (old checkpoints and
+    DCP load unchanged). Code that only looks uses ``element_mask()``/``kept_mask()``, which allocate
+    nothing: with structured masks alone the masks take ``(in + out) / (in * out)`` bytes per weight.
 
     Args:
         in_features: input width.
@@ -49,9 +60,7 @@ class MaskedLinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer(
-            "weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device)
-        )
+        self.register_buffer("weight_mask", None)  # allocated on first use: see the class docstring
         self.register_buffer("neuron_mask", torch.ones(out_features, dtype=torch.bool, device=device))
         self.register_buffer("input_mask", torch.ones(in_features, dtype=torch.bool, device=device))
         self._index_cache: tuple[tuple[int, ...], bool, bool, torch.Tensor, torch.Tensor] | None = None
@@ -59,7 +68,45 @@ class MaskedLinear(nn.Linear):
         # weight.grad (= g * mask) hides: with the flag on, backward stores it in ``effective_grad``.
         self.capture_effective_grad = False
         self.effective_grad: torch.Tensor | None = None
-        self._register_load_state_dict_pre_hook(_open_masks_of_plain_linear, with_module=True)
+        self._register_load_state_dict_pre_hook(_load_masks, with_module=True)
+
+    def __getattr__(self, name: str) -> Any:
+        buffers = self.__dict__.get("_buffers")
+        if name == "weight_mask" and buffers is not None and "weight_mask" in buffers:
+            if buffers["weight_mask"] is None:  # a caller may write it: hold a real mask from now on
+                buffers["weight_mask"] = torch.ones_like(self.weight, dtype=torch.bool)
+            return buffers["weight_mask"]
+        return super().__getattr__(name)
+
+    def element_mask(self) -> torch.Tensor | None:
+        """The element mask if one is held, ``None`` when every element is open (allocates nothing)."""
+        return self._buffers["weight_mask"]
+
+    def kept_mask(self) -> torch.Tensor:
+        """Weights kept by all three masks together, as a bool tensor of the weight's shape."""
+        keep = self.neuron_mask.unsqueeze(1) & self.input_mask.unsqueeze(0)
+        element = self.element_mask()
+        return keep & element if element is not None else keep.expand(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def release_open_element_mask_(self) -> bool:
+        """Drop the element mask if every entry is open (one host sync); whether none is held now."""
+        element = self.element_mask()
+        if element is not None and element.device.type != "meta" and bool(element.all()):
+            self.weight_mask = None
+        return self.element_mask() is None
+
+    def mask_key(self) -> tuple[int, ...]:
+        """Identity and in-place version of every mask: it changes whenever a mask may have changed."""
+        masks = (self.element_mask(), self.neuron_mask, self.input_mask)
+        return tuple(v for m in masks for v in ((0, -1) if m is None else (id(m), m._version)))
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.element_mask() is None:  # the key every checkpoint has, in its place before the others
+            tail = {k: destination.pop(prefix + k) for k in ("neuron_mask", "input_mask")}
+            destination[prefix + "weight_mask"] = torch.ones_like(self.weight, dtype=torch.bool)
+            destination.update({prefix + k: v for k, v in tail.items()})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
@@ -74,7 +121,7 @@ class MaskedLinear(nn.Linear):
         )
         masked.weight = w
         masked.bias = linear.bias
-        for name in ("weight_mask", "neuron_mask", "input_mask"):
+        for name in ("neuron_mask", "input_mask"):
             buf = getattr(masked, name)
             setattr(masked, name, torch.ones(buf.shape, dtype=torch.bool, device=w.device))
         masked.train(linear.training)
@@ -84,7 +131,7 @@ class MaskedLinear(nn.Linear):
         super().reset_parameters()
         # DMP materialises meta buffers as zeros and then calls reset_parameters: masks start open.
         for name in ("weight_mask", "neuron_mask", "input_mask"):
-            buf = getattr(self, name, None)
+            buf = self.__dict__.get("_buffers", {}).get(name)
             if buf is not None and buf.device.type != "meta":
                 with torch.no_grad():
                     buf.fill_(True)
@@ -92,8 +139,7 @@ class MaskedLinear(nn.Linear):
     # ----------------------------------------------------------------------------------------------
     def effective_weight(self) -> torch.Tensor:
         """Dense weight with every mask applied (pruned entries are exact zeros)."""
-        keep = self.weight_mask & self.neuron_mask.unsqueeze(1) & self.input_mask.unsqueeze(0)
-        return self.weight * keep
+        return self.weight * self.kept_mask()
 
     def effective_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias * self.neuron_mask
@@ -101,13 +147,13 @@ class MaskedLinear(nn.Linear):
     def _structure(self) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
         # Cached until a mask buffer is replaced or changed in place (load_state_dict, prune, grow), so
         # the forward pays no host sync per call.
-        masks = (self.weight_mask, self.neuron_mask, self.input_mask)
-        key = tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+        key = self.mask_key()
         if self._index_cache is None or self._index_cache[0] != key:
             rows = self.neuron_mask.nonzero().squeeze(1)
             cols = self.input_mask.nonzero().squeeze(1)
             structured = rows.numel() < self.out_features or cols.numel() < self.in_features
-            elementwise = not bool(self.weight_mask.all())
+            element = self.element_mask()
+            elementwise = element is not None and not bool(element.all())
             self._index_cache = (key, structured, elementwise, rows, cols)
         return self._index_cache[1:]
 
@@ -122,7 +168,12 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         structured, elementwise, rows, cols = self._structure()
-        weight = self.weight * self.weight_mask if elementwise or self.capture_effective_grad else self.weight
+        weight = self.weight
+        element = self.element_mask()
+        if element is not None and (elementwise or self.capture_effective_grad):
+            weight = weight * element
+        elif self.capture_effective_grad:
+            weight = weight.view_as(weight)  # a non-leaf to hook: the effective weight is the weight
         if self.capture_effective_grad and weight.requires_grad:
             weight.register_hook(self._store_effective_grad)
         if not structured:
@@ -141,7 +192,7 @@ class MaskedLinear(nn.Linear):
         return f"{super().extra_repr()}, kept_neurons={kept}"
 
 
-def _open_masks_of_plain_linear(
+def _load_masks(
     module: MaskedLinear,
     state_dict: dict[str, Any],
     prefix: str,
@@ -151,10 +202,24 @@ def _open_masks_of_plain_linear(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Load-state-dict pre-hook: a state dict with the weight but none of the masks is a plain Linear's,
-    so its masks load open (one or two masks missing stays an error under ``strict``)."""
-    masks = [prefix + name for name in ("weight_mask", "neuron_mask", "input_mask")]
-    if prefix + "weight" not in state_dict or any(k in state_dict for k in masks):
+    """Load-state-dict pre-hook. A state dict with the weight but none of the masks is a plain Linear's:
+    its masks load open (one or two masks missing stays an error under ``strict``). An all-open element
+    mask is not held; any other is loaded into a held one."""
+    names = ("weight_mask", "neuron_mask", "input_mask")
+    if prefix + "weight" in state_dict and not any(prefix + k in state_dict for k in names):
+        for name in names[1:]:
+            state_dict[prefix + name] = torch.ones_like(getattr(module, name))
+        module.weight_mask = None
         return
-    for key in masks:
-        state_dict[key] = torch.ones_like(getattr(module, key[len(prefix) :]))
+    key = prefix + "weight_mask"
+    value = state_dict.get(key)
+    if value is None:
+        if strict and module.element_mask() is None:
+            missing_keys.append(key)  # an unheld buffer is not among the keys the loader checks
+        return
+    shaped = isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(module.weight.shape)
+    if shaped and value.device.type != "meta" and bool(value.all()):
+        del state_dict[key]
+        module.weight_mask = None
+    else:
+        module.weight_mask  # noqa: B018 -- held, so the loader copies into it (or reports its shape)

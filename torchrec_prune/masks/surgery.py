@@ -28,7 +28,7 @@ def _check_shape(owner: str, name: str, current: torch.Tensor, new: torch.Tensor
 
 
 def _linear_keep(layer: MaskedLinear) -> torch.Tensor:
-    return layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0)
+    return layer.kept_mask()
 
 
 @torch.no_grad()
@@ -59,6 +59,8 @@ def set_linear_masks_(
         # a regrown row starts at exactly 0, and behind a ReLU a zero row with a zero bias would never get
         # a gradient again (relu'(0) = 0). The kept bias lets the regrown neuron's signal restart.
         reset_state_(optimizers, layer.bias, before_b ^ layer.neuron_mask)
+    if "weight_mask" in masks:
+        layer.release_open_element_mask_()  # structured pruning never holds a per-weight mask
     return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
 
 

@@ -79,7 +79,7 @@ def plain_state_keys(keys: Iterable[str]) -> dict[str, str]:
 def _plain_linear(layer: MaskedLinear) -> nn.Linear:
     plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     plain.weight = layer.weight
-    plain.weight.mul_(layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0))
+    plain.weight.mul_(layer.kept_mask())
     if layer.bias is not None:
         plain.bias = layer.bias
         plain.bias.mul_(layer.neuron_mask)

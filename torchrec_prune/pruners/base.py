@@ -44,7 +44,7 @@ class LayerStats:
 
 
 def linear_stats(layer: MaskedLinear) -> LayerStats:
-    keep = layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0)
+    keep = layer.kept_mask()
     return LayerStats(
         kind="linear",
         total=keep.numel(),
@@ -127,7 +127,7 @@ class PrunerBase(BaseHook):
 
     def _unit_shapes(self) -> dict[str, list[int]]:
         """Shape of every pruned unit: each Linear's weight, each table's dimension mask (by buffer FQN)."""
-        out = {fqn: list(layer.weight_mask.shape) for fqn, layer in self.linears.items()}
+        out = {fqn: list(layer.weight.shape) for fqn, layer in self.linears.items()}
         for fqn, module in self.embeddings.items():
             for config in module.embedding_bag_configs():
                 out[f"{fqn}.dim_masks.{config.name}"] = list(module.dim_mask(config.name).shape)

@@ -102,7 +102,7 @@ def _layer_flops(name: str, layer: nn.Linear) -> LayerFlops:
         raise ValueError(f"cannot count FLOPs of {name!r}: its weight is on 'meta'; materialise it first")
     out_features, in_features = layer.weight.shape
     if isinstance(layer, MaskedLinear):
-        keep = layer.weight_mask & layer.neuron_mask.unsqueeze(1) & layer.input_mask.unsqueeze(0)
+        keep = layer.kept_mask()
         counts = torch.stack([layer.input_mask.sum(), layer.neuron_mask.sum(), keep.sum()]).tolist()
         active_in, active_out, kept = (int(v) for v in counts)
     else:
@@ -251,7 +251,4 @@ class FlopsMeter:
 
 
 def _mask_versions(layer: nn.Linear) -> tuple[int, ...]:
-    if not isinstance(layer, MaskedLinear):
-        return ()
-    masks = (layer.weight_mask, layer.neuron_mask, layer.input_mask)
-    return tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+    return layer.mask_key() if isinstance(layer, MaskedLinear) else ()
