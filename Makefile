@@ -33,6 +33,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Performance suite: each script is one command; results land in docs/results/perf_*.json (see
+# docs/performance.md). Timings are CPU and wall time of interleaved arms, one intra-op thread.
+BENCH_SCRIPTS := perf_trainer perf_dmp perf_structured perf_masks denormals
+
+bench: install
+	for script in $(BENCH_SCRIPTS); do $(PY) benchmarks/$$script.py || exit 1; done
+
 lint: install
 	$(VENV)/bin/ruff check torchrec_prune launch tests benchmarks
 

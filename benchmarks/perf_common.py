@@ -1,0 +1,92 @@
+"""Shared pieces of the ``perf_*`` benchmarks: the reference DLRM's batches, interleaved timing of arms,
+and one results file per benchmark.
+
+Arms are timed side by side in one process, round by round in turn (A B C, A B C, ...), each round a fixed
+number of steps; a ratio is the median over rounds of the per-round ratio, so a slow spell of a shared
+machine hits every arm of that round alike. CPU time (``time.thread_time``) is reported beside wall time:
+it leaves out time the thread waited for a core that another process held.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchrec.datasets.utils import Batch
+
+from torchrec_prune.data.synthetic import SyntheticStream
+from torchrec_prune.models import DLRMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "docs" / "results"
+
+
+def reference_batches(batch_size: int, count: int, num_embeddings: int = 10_000) -> list[Batch]:
+    """``count`` batches of the synthetic stream, read once so that no arm pays for reading."""
+    stream = SyntheticStream(batch_size * count, num_embeddings=num_embeddings, drift=1.0, seed=0)
+    return list(stream.batches(batch_size))
+
+
+def reference_config(num_embeddings: int = 10_000) -> DLRMConfig:
+    """The reference DLRM (emb dim 4, bottom 256-128-64-4, top 256-128-1, 26 tables)."""
+    return DLRMConfig(num_embeddings=num_embeddings)
+
+
+@dataclass
+class Timing:
+    """Per-round seconds of one arm."""
+
+    cpu: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+
+
+def interleave(arms: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, Timing]:
+    """Run every arm's round once per round, in turn; per-round thread CPU and wall seconds."""
+    timings = {name: Timing() for name in arms}
+    for r in range(warmup + rounds):
+        for name, run_round in arms.items():
+            cpu, wall = time.thread_time(), time.perf_counter()
+            run_round()
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            if r >= warmup:
+                timings[name].cpu.append(cpu)
+                timings[name].wall.append(wall)
+    return timings
+
+
+def ratio(timings: dict[str, Timing], arm: str, base: str, kind: str = "cpu") -> dict[str, float]:
+    """Median, min and max over rounds of ``arm``'s time over ``base``'s in the same round."""
+    per_round = [
+        a / b for a, b in zip(getattr(timings[arm], kind), getattr(timings[base], kind), strict=True)
+    ]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+
+def machine() -> dict[str, object]:
+    """Where and when a measurement ran (the machine is shared: other processes ran beside it)."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "load_average": os.getloadavg()[0],
+        "shared": "yes: other processes (tests, builds) ran on the same 2 cores",
+    }
+
+
+def write_results(name: str, payload: dict[str, object]) -> Path:
+    """``docs/results/<name>.json`` with the machine and command added."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path

@@ -1,0 +1,156 @@
+"""One-process speed of the trainer against plain TorchRec loops on the reference DLRM, arms interleaved.
+
+Arms (same batches, batch 128 by default, one intra-op thread):
+- ``plain_ebc``: TorchRec ``DLRMTrain`` over an ``EmbeddingBagCollection``, one ``torch.optim.Adagrad``;
+- ``plain_fused``: the same over a ``FusedEmbeddingBagCollection`` (exact Adagrad in the backward), a
+  dense Adagrad for the MLPs: the best plain TorchRec path in one process;
+- ``wrapped_ebc``: the ``plain_ebc`` loop over ``wrap(model)`` (what the mask wrappers cost);
+- ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs).
+
+Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top operators instead.
+
+    .venv/bin/python benchmarks/perf_trainer.py [--rounds 7] [--steps 40] [--batch-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from collections.abc import Callable
+
+import torch
+from perf_common import interleave, ratio, reference_batches, reference_config, write_results
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+from torchrec_prune.masks import wrap
+from torchrec_prune.models import DLRMConfig, build_dlrm
+from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
+from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
+
+LR = 0.05
+
+
+def fused_dlrm(config: DLRMConfig) -> DLRMTrain:
+    """``build_dlrm`` with the tables in a ``FusedEmbeddingBagCollection`` (exact Adagrad)."""
+    ebc = build_dlrm(config).model.sparse_arch.embedding_bag_collection
+    fused = FusedEmbeddingBagCollection(
+        tables=ebc.embedding_bag_configs(),
+        optimizer_type=torch.optim.Adagrad,
+        optimizer_kwargs={"lr": LR},
+        device=torch.device("cpu"),
+    )
+    return DLRMTrain(
+        DLRM(
+            embedding_bag_collection=fused,
+            dense_in_features=config.num_dense,
+            dense_arch_layer_sizes=list(config.dense_arch),
+            over_arch_layer_sizes=list(config.over_arch),
+        )
+    )
+
+
+def dense_adagrad(model: nn.Module) -> torch.optim.Optimizer:
+    """Adagrad over the parameters no fused collection updates."""
+    fused = {
+        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
+    }
+    return torch.optim.Adagrad([p for p in model.parameters() if id(p) not in fused], lr=LR)
+
+
+def loop(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], steps: int
+) -> Callable[[], None]:
+    """A plain TorchRec training loop of ``steps`` steps per call."""
+    source = itertools.cycle(batches)
+
+    def run() -> None:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = model(next(source))
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def trainer_loop(trainer: IncrementalTrainer, batches: list[Batch], steps: int) -> Callable[[], None]:
+    source = itertools.cycle(batches)
+
+    def run() -> None:
+        for _ in range(steps):
+            trainer.step(next(source))
+
+    return run
+
+
+def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
+    config = reference_config()
+    batches = reference_batches(batch_size, 50)
+    torch.manual_seed(0)
+    plain = build_dlrm(config)
+    fused = fused_dlrm(config)
+    wrapped = wrap(build_dlrm(config))
+    train = TrainConfig(batch_size=batch_size, lr=LR, window=5_000, progress=False)
+    job = JobConfig(rows=batch_size * 50, train=train, checkpoint=False, checkpoint_every=0)
+
+    class _Stream:  # build_replica reads the stream's shape only
+        num_dense, feature_names, num_embeddings = (
+            config.num_dense,
+            config.feature_names,
+            config.num_embeddings,
+        )
+
+    replica = build_replica(PreparedJob(job, _Stream(), {}, None), torch.device("cpu"))  # type: ignore[arg-type]
+    trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
+    return {
+        "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR), batches, steps),
+        "plain_fused": loop(fused, dense_adagrad(fused), batches, steps),
+        "wrapped_ebc": loop(wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR), batches, steps),
+        "trainer": trainer_loop(trainer, batches, steps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--profile", default=None, help="print the top operators of this arm")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    arms = build_arms(args.batch_size, args.steps)
+    if args.profile:
+        arms[args.profile]()
+        with torch.profiler.profile() as prof:
+            arms[args.profile]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+    timings = interleave(arms, args.rounds)
+    samples = args.batch_size * args.steps
+    rates = {name: samples / statistics.median(t.cpu) for name, t in timings.items()}
+    best = "plain_fused"
+    results = {
+        "samples_per_cpu_second": rates,
+        "samples_per_wall_second": {n: samples / statistics.median(t.wall) for n, t in timings.items()},
+        # time ratios (arm / base): > 1 is slower
+        "wrappers_over_plain": ratio(timings, "wrapped_ebc", "plain_ebc"),
+        "trainer_over_plain_same_tables": ratio(timings, "trainer", "plain_ebc"),
+        "trainer_over_best_plain": ratio(timings, "trainer", best),
+        "trainer_over_best_plain_wall": ratio(timings, "trainer", best, kind="wall"),
+        "rounds": {n: {"cpu": t.cpu, "wall": t.wall} for n, t in timings.items()},
+    }
+    path = write_results("perf_trainer", {"args": vars(args), **results})
+    for name, rate in rates.items():
+        print(f"{name:12s} {rate:8.0f} samples/cpu-s")
+    for key in ("wrappers_over_plain", "trainer_over_plain_same_tables", "trainer_over_best_plain"):
+        r = results[key]
+        print(f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
