@@ -88,14 +88,18 @@ def test_shard_row_push_applies_the_library_adagrad_to_those_rows_only():
     reference = torch.nn.Parameter(dict(model.named_parameters())[table].detach().clone())
     optimizer = make_optimizer([reference], TrainConfig(lr=0.1))
     grad_rows = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
-    for _ in range(3):
+    for step in range(3):
         dense = torch.zeros_like(reference)
         dense[[2, 7]] = torch.from_numpy(grad_rows)
         reference.grad = dense
         optimizer.step()
         shard.push(
             PushRequest(
-                copy_version=shard.version, mask_version=0, rows={"t_cat_0": (np.array([2, 7]), grad_rows)}
+                copy_version=shard.version,
+                mask_version=0,
+                rank=0,
+                batch=step,
+                rows={"t_cat_0": (np.array([2, 7]), grad_rows)},
             )
         )
     torch.testing.assert_close(shard.params[table].detach(), reference.detach(), rtol=1e-6, atol=1e-7)
@@ -108,23 +112,23 @@ def test_mask_change_zeroes_closed_and_regrown_weights_and_resets_their_adagrad_
     fqn = "model.dense_arch.model._mlp.0._linear"
     weight = shard.params[f"{fqn}.weight"]
     grads = {f"{fqn}.weight": np.ones(tuple(weight.shape), np.float32)}
-    shard.push(PushRequest(copy_version=0, mask_version=0, dense=grads))
+    shard.push(PushRequest(copy_version=0, mask_version=0, rank=0, batch=0, dense=grads))
     masks = {n: b.numpy().copy() for n, b in mask_buffers(model).items()}
     masks[f"{fqn}.neuron_mask"][[1, 4]] = False
     assert shard.set_masks(masks) == 1
     state = shard.optimizers[0].state[weight]["sum"]
     assert (weight.detach()[[1, 4]] == 0).all() and (state[[1, 4]] == 0).all() and (state[0] > 0).all()
     # A push computed under the old mask (version 0) gives the pruned rows nothing.
-    shard.push(PushRequest(copy_version=1, mask_version=0, dense=grads))
+    shard.push(PushRequest(copy_version=1, mask_version=0, rank=0, batch=1, dense=grads))
     assert (weight.detach()[[1, 4]] == 0).all() and shard.stats["masked_entries"] == 2 * weight.shape[1]
     # Regrow: the rows re-open at exactly 0 with fresh state, and a push computed while they were closed
     # (mask version 1) leaves them at 0 until the trainer has seen them open.
     masks[f"{fqn}.neuron_mask"][:] = True
     shard.set_masks(masks)
-    shard.push(PushRequest(copy_version=2, mask_version=1, dense=grads))
+    shard.push(PushRequest(copy_version=2, mask_version=1, rank=0, batch=2, dense=grads))
     assert (weight.detach()[[1, 4]] == 0).all()
     assert (shard.optimizers[0].state[weight]["sum"][[1, 4]] == 0).all()
-    shard.push(PushRequest(copy_version=3, mask_version=2, dense=grads))
+    shard.push(PushRequest(copy_version=3, mask_version=2, rank=0, batch=3, dense=grads))
     assert (weight.detach()[[1, 4]] != 0).all()
     assert shard.stats["violations"] == 0
 
@@ -295,7 +299,7 @@ def test_growth_jump_is_zero_for_zero_init_and_large_for_a_constant():
 
 
 def test_trainer_resumes_its_partition_after_the_batches_it_trained():
-    from torchrec_prune.distributed.ps.driver import LocalShards
+    from torchrec_prune.distributed.ps.backends import LocalShards
     from torchrec_prune.distributed.ps.trainer import PSTrainer
 
     job = small_job(batch_size=64)

@@ -10,6 +10,9 @@ consecutive runs (tests, benchmarks).
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +22,13 @@ from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest
 from torchrec_prune.distributed.ps.server import ShardState
+from torchrec_prune.distributed.ps.store import ShardStore
 from torchrec_prune.distributed.ps.trainer import ChunkReport, PSTrainer
 from torchrec_prune.numerics import enable_ftz_daz
 from torchrec_prune.train.job import JobConfig
 from torchrec_prune.train.trainer import TrainConfig
+
+_ASSIGNMENT = "assignment.pt"
 
 
 def _numerics(threads: int) -> None:
@@ -50,6 +56,28 @@ def ftz_probe() -> dict[str, int]:
     }
 
 
+def _new_shard(
+    shard: int,
+    layout: ParamLayout,
+    init: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    train: TrainConfig,
+    ps: PSConfig,
+    store: ShardStore | None,
+) -> ShardState:
+    return ShardState(
+        shard,
+        layout,
+        init,
+        masks,
+        train,
+        regrow_value=ps.regrow_value,
+        trace_pushes=ps.trace_pushes,
+        store=store,
+        checkpoint_pushes=ps.shard_checkpoint_pushes,
+    )
+
+
 class RayShards:
     """``ShardClients`` over Ray actor handles: one request per shard, sent together, then awaited."""
 
@@ -70,11 +98,22 @@ class RayShards:
 
 
 class ServerActor:
-    """A server shard as a Ray actor (one thread: pushes apply in arrival order)."""
+    """A server shard as a Ray actor (one thread: pushes apply in arrival order).
 
-    def __init__(self, threads: int = 1) -> None:
+    Args:
+        threads: intra-op threads.
+        home: a folder of this actor's own. ``start`` writes there which shard of which run the actor
+            is; when Ray restarts the actor after a fault (``max_restarts``), the constructor, run again
+            with the same arguments, finds it and restores the shard from the newest complete checkpoint
+            of its ``ShardStore`` before any call (pushes Ray retries or held while it restarted) runs.
+    """
+
+    def __init__(self, threads: int = 1, home: str | None = None) -> None:
         _numerics(threads)
         self.state: ShardState | None = None
+        self.home = Path(home) if home else None
+        if self.home is not None and (self.home / _ASSIGNMENT).exists():
+            self._restore()
 
     def start(
         self,
@@ -84,11 +123,41 @@ class ServerActor:
         masks: dict[str, np.ndarray],
         train: TrainConfig,
         ps: PSConfig,
+        store_dir: str | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
-        """Become shard ``shard`` of a new run (any earlier state is dropped)."""
-        self.state = ShardState(
-            shard, layout, init, masks, train, regrow_value=ps.regrow_value, trace_pushes=ps.trace_pushes
+        """Become shard ``shard`` of a run (any earlier state is dropped), from ``init`` or, when
+        resuming a run, from ``state``; with ``store_dir`` it checkpoints itself there."""
+        store = ShardStore(store_dir) if store_dir else None
+        self.state = _new_shard(shard, layout, init, masks, train, ps, store)
+        if state is not None:
+            self.state.load_state_dict(state)
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True)
+            assignment = {"shard": shard, "layout": layout, "train": train, "ps": ps, "store_dir": store_dir}
+            torch.save(assignment, self.home / f"{_ASSIGNMENT}.tmp")
+            os.replace(self.home / f"{_ASSIGNMENT}.tmp", self.home / _ASSIGNMENT)
+        self.state.checkpoint()  # a restart before the first periodic save restores this
+
+    def _restore(self) -> None:
+        assert self.home is not None
+        assignment = torch.load(self.home / _ASSIGNMENT, weights_only=False)
+        if assignment["store_dir"] is None:
+            return  # nothing to restore from: calls fail with "start() has not been called"
+        store = ShardStore(assignment["store_dir"])
+        saved = store.latest()
+        if saved is None:
+            return
+        self.state = _new_shard(
+            assignment["shard"],
+            assignment["layout"],
+            saved["weights"],
+            saved["masks"],
+            assignment["train"],
+            assignment["ps"],
+            store,
         )
+        self.state.restore(saved)
 
     def _shard(self) -> ShardState:
         if self.state is None:
@@ -101,11 +170,15 @@ class ServerActor:
     def push(self, request: PushRequest) -> PushReply:
         return self._shard().push(request)
 
-    def set_masks(self, masks: dict[str, np.ndarray]) -> int:
-        return self._shard().set_masks(masks)
+    def set_masks(self, masks: dict[str, np.ndarray], version: int | None = None) -> int:
+        return self._shard().set_masks(masks, version)
 
     def weights(self) -> dict[str, np.ndarray]:
         return self._shard().weights()
+
+    def committed(self, rank: int) -> int:
+        """Index of the last batch of trainer ``rank`` this shard took (-1: none)."""
+        return self._shard().committed.get(rank, -1)
 
     def summary(self) -> dict[str, Any]:
         return self._shard().summary()
@@ -159,6 +232,9 @@ class TrainerActor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._trainer().load_state_dict(state)
 
+    def invalidate(self) -> None:
+        self._trainer().invalidate()
+
     def ftz_probe(self) -> dict[str, int]:
         return ftz_probe()
 
@@ -177,10 +253,18 @@ class ActorPool:
     where actors here default to 0 CPUs. ``SPREAD`` is best effort: with fewer nodes than actors they
     share nodes, and no actor waits for a node that does not exist.
 
+    Fault tolerance: with ``max_restarts`` Ray restarts a dead actor. A shard restores itself from
+    its checkpoints (``ServerActor``), and calls to it are retried or held until it is back
+    (``max_task_retries=-1``): a push waits for a restarting shard instead of being lost. A trainer's
+    calls are not retried; the driver sees its death, starts it again and resumes its partition after
+    the last batch the shards took.
+
     Args:
         server_cpus, trainer_cpus: CPUs each server / trainer actor reserves (0: actors share the node's
             cores, which is what lets two trainers, two shards and the driver run on a 2-core machine).
         threads: intra-op threads of each actor.
+        max_restarts: times Ray restarts each actor after its process dies (0: never).
+        home: folder for the server actors' own files (``None``: a temporary folder removed at exit).
 
     Example::
 
@@ -189,20 +273,36 @@ class ActorPool:
         run_async(job, PSConfig(trainers=1), pool=pool)  # reuses them
     """
 
-    def __init__(self, *, server_cpus: float = 0.0, trainer_cpus: float = 0.0, threads: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        server_cpus: float = 0.0,
+        trainer_cpus: float = 0.0,
+        threads: int = 1,
+        max_restarts: int = 0,
+        home: str | os.PathLike | None = None,
+    ) -> None:
         import ray
 
-        spread = {"scheduling_strategy": "SPREAD"}
-        self._server_cls = ray.remote(ServerActor).options(num_cpus=server_cpus, **spread)
+        spread = {"scheduling_strategy": "SPREAD", "max_restarts": max_restarts}
+        self._server_cls = ray.remote(ServerActor).options(
+            num_cpus=server_cpus, max_task_retries=-1 if max_restarts else 0, **spread
+        )
         self._trainer_cls = ray.remote(TrainerActor).options(num_cpus=trainer_cpus, **spread)
         self.threads = threads
+        self.max_restarts = max_restarts
+        if home is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ps-actors-")
+            home = self._tmp.name
+        self.home = Path(home)
         self.servers: list[Any] = []
         self.trainers: list[Any] = []
 
     def take(self, servers: int, trainers: int) -> tuple[list[Any], list[Any]]:
         """The first ``servers`` server actors and ``trainers`` trainer actors, started if missing."""
         while len(self.servers) < servers:
-            self.servers.append(self._server_cls.remote(self.threads))
+            home = self.home / f"server-{len(self.servers)}"
+            self.servers.append(self._server_cls.remote(self.threads, str(home)))
         while len(self.trainers) < trainers:
             self.trainers.append(self._trainer_cls.remote(self.threads))
         return self.servers[:servers], self.trainers[:trainers]

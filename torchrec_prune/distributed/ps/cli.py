@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from torchrec_prune.cli import Runner, add_stream_args, job_config
 from torchrec_prune.distributed.ps.config import SCHEDULES, PSConfig
@@ -44,7 +45,26 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--trainer-cpus", type=float, default=0.0, help="CPUs each trainer actor reserves")
     p.add_argument("--server-cpus", type=float, default=0.0, help="CPUs each server-shard actor reserves")
     p.add_argument("--run-dir", default="runs/ray-train", help="also holds an embedded Ray's auth token")
-    p.add_argument("--no-checkpoint", action="store_true")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not save the final model checkpoint")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100_000, help="rows between whole-run checkpoints (0 = off)"
+    )
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete run checkpoints kept")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: continue from the newest complete run checkpoint of --run-dir; never: start over",
+    )
+    p.add_argument(
+        "--max-restarts", type=int, default=3, help="times Ray restarts each trainer or shard that dies"
+    )
+    p.add_argument(
+        "--shard-checkpoint-pushes",
+        type=int,
+        default=500,
+        help="applied pushes between a shard's own checkpoints (0: at start and mask changes only)",
+    )
     p.set_defaults(func=lambda args, argv: prepare_ray_train(args))
     return p
 
@@ -70,7 +90,10 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
         staleness=args.staleness,
         cache_rows=args.cache_rows,
         chunk_steps=args.chunk_steps,
+        shard_checkpoint_pushes=args.shard_checkpoint_pushes,
     )
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be an integer >= 0, got {args.max_restarts}")
     if args.num_cpus < 1:
         raise ValueError(f"--num-cpus must be an integer >= 1, got {args.num_cpus}")
     for flag, cpus in (("--trainer-cpus", args.trainer_cpus), ("--server-cpus", args.server_cpus)):
@@ -105,7 +128,12 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
             if config.schedule == "d2s":
                 result = run_ray_d2s_job(config)
             else:
-                pool = ActorPool(trainer_cpus=args.trainer_cpus, server_cpus=args.server_cpus)
+                pool = ActorPool(
+                    trainer_cpus=args.trainer_cpus,
+                    server_cpus=args.server_cpus,
+                    max_restarts=args.max_restarts,
+                    home=Path(args.run_dir) / "ps" / "actors",
+                )
                 result = run_ray_job(config, pool=pool)
         print(summarize_line(result, config.job.run_dir))
         return 0

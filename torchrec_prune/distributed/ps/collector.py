@@ -9,6 +9,9 @@ covers the same samples as in the synchronous run with the same global batch.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
 
 from torchrec_prune.data.stream import Stream, iter_increments, rank_ranges
 from torchrec_prune.distributed.ps.messages import as_tensor
@@ -23,6 +26,16 @@ def global_ranges(stream: Stream, increment_rows: int, batch_size: int, world: i
         for rank in range(world):
             ranges += list(rank_ranges(inc.start_row, inc.start_row + inc.num_rows, batch_size, rank, world))
     return sorted(ranges)
+
+
+def partition_ranges(
+    stream: Stream, increment_rows: int, batch_size: int, rank: int, world: int
+) -> list[tuple[int, int]]:
+    """The batch ranges of trainer ``rank``, in the order it trains them (index = batch number)."""
+    ranges: list[tuple[int, int]] = []
+    for inc in iter_increments(stream, increment_rows, batch_size * world, 0, 1):
+        ranges += list(rank_ranges(inc.start_row, inc.start_row + inc.num_rows, batch_size, rank, world))
+    return ranges
 
 
 class ScoreCollector:
@@ -67,6 +80,8 @@ class ScoreCollector:
         Windows close as batches are yielded, so a consumer that acts between batches (a schedule)
         sees ``position`` move one batch at a time.
         """
+        if score.start in self._pending or self._consumed(score.start):
+            raise RuntimeError(f"the batch at stream position {score.start} arrived twice")
         self._pending[score.start] = score
         while self._next < len(self.ranges) and self.ranges[self._next][0] in self._pending:
             ready = self._pending.pop(self.ranges[self._next][0])
@@ -74,6 +89,29 @@ class ScoreCollector:
             if len(ready.labels):
                 self.records += self.window.update(as_tensor(ready.logits), as_tensor(ready.labels))
             yield ready
+
+    def skip(self, start: int, end: int) -> Iterator[BatchScore]:
+        """Accept a batch trained without a score (its trainer died before reporting it): it counts as
+        consumed and adds nothing to its window. Yields what ``add`` would."""
+        empty = np.zeros(0, np.float32)
+        yield from self.add(BatchScore(start, end, empty, empty))
+
+    def _consumed(self, start: int) -> bool:
+        return self._next > 0 and start <= self.ranges[self._next - 1][0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window.state_dict(),
+            "records": list(self.records),
+            "next": self._next,
+            "pending": dict(self._pending),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window.load_state_dict(state["window"])
+        self.records = list(state["records"])
+        self._next = int(state["next"])
+        self._pending = dict(state["pending"])
 
     def finish(self) -> list[WindowRecord]:
         """Close the partial last window; returns it (empty list when none)."""

@@ -1,31 +1,43 @@
 """The driver of an asynchronous run: starts shards and trainers, keeps every trainer busy, puts scores
 back in stream order, closes look-ahead windows and runs the schedule by global samples consumed.
 
-The loop is the same for the two backends: ``RayBackend`` (actors, the real thing) and ``LocalBackend``
-(the same library objects in this process, calls served round-robin), which tests the driver's logic
-without Ray.
+The loop is the same for the two backends (``backends.py``): Ray actors, and plain objects in this
+process, which test the driver's logic without Ray. It also keeps the run going through faults: a
+trainer that dies is started again after the last batch the shards took from it (batches it trained but
+never reported count as consumed without a score, so no batch is trained twice), shards restore
+themselves from their checkpoints, and what was lost is recorded. Whole-run checkpoints
+(``run_state.py``) let a restarted driver resume.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from torchrec_prune.distributed.ps.actors import ActorPool
-from torchrec_prune.distributed.ps.collector import ScoreCollector, global_ranges
+from torchrec_prune.distributed.ps.backends import (
+    Backend,
+    LocalBackend,
+    MaskUpdate,
+    RayBackend,
+    RunSetup,
+    TrainerLost,
+)
+from torchrec_prune.distributed.ps.collector import ScoreCollector, global_ranges, partition_ranges
 from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout, mask_buffers
-from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
+from torchrec_prune.distributed.ps.messages import as_tensor
+from torchrec_prune.distributed.ps.run_state import AsyncCheckpoints
 from torchrec_prune.distributed.ps.schedule import AsyncGrowPrune, AsyncPhase
-from torchrec_prune.distributed.ps.server import ShardState
-from torchrec_prune.distributed.ps.trainer import BatchScore, ChunkReport, PSTrainer
+from torchrec_prune.distributed.ps.trainer import BatchScore, ChunkReport
 from torchrec_prune.masks import wrap
 from torchrec_prune.metrics.functional import bce_sum
 from torchrec_prune.metrics.window import WindowRecord
@@ -34,7 +46,7 @@ from torchrec_prune.models import build_dlrm
 from torchrec_prune.schedules.grow_prune import GrowPruneConfig
 from torchrec_prune.train.job import JobConfig, make_stream, model_config_for
 
-MaskUpdate = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
 IN_FLIGHT = 2  # calls queued per trainer: one runs while the driver handles the other's report
 
 
@@ -55,13 +67,16 @@ class AsyncRunResult:
 
     Args:
         records: look-ahead windows over the stream, as ``LookAheadWindow`` closes them.
-        batches: every batch in stream order (CE, finish time, driver mask version when consumed).
+        batches: every scored batch in stream order (CE, finish time, driver mask version when consumed).
         phases: the schedule's phases as entered (empty for a dense run).
         trainers: per-trainer counters (steps, samples, time in compute/pull/push, bytes, cache).
         servers: per-shard counters (versions, staleness histogram, closed-weight violations, traces).
         weights: the final parameters (full model, merged from the shards).
         masks: the final mask buffers.
-        wall_seconds: from the first call to the last report.
+        wall_seconds: from the first call to the last report (summed over resumed segments).
+        samples: stream rows trained (scored or not).
+        lost: what faults cost (``AsyncDriver.lost``); empty lists when nothing failed.
+        resumed_from: stream position of the run checkpoint this run resumed from, or ``None``.
         max_pending: most batches the reorder buffer held at once.
         driver_cpu_seconds: CPU time the driver spent consuming reports (its load per batch bounds
             scaling).
@@ -75,12 +90,11 @@ class AsyncRunResult:
     weights: dict[str, torch.Tensor]
     masks: dict[str, np.ndarray]
     wall_seconds: float
+    samples: int
+    lost: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
     max_pending: int = 0
     driver_cpu_seconds: float = 0.0
-
-    @property
-    def samples(self) -> int:
-        return sum(t["samples"] for t in self.trainers)
 
     @property
     def violations(self) -> int:
@@ -93,44 +107,6 @@ class AsyncRunResult:
         for s in self.servers:
             total.update({int(k): v for k, v in s["staleness"].items()})
         return dict(sorted(total.items()))
-
-
-class Backend(Protocol):
-    """Where shards and trainers live; the driver only submits calls and reads reports."""
-
-    def submit(self, rank: int, steps: int) -> None: ...
-
-    def next_report(self) -> ChunkReport: ...
-
-    def broadcast(self, masks: MaskUpdate) -> None: ...
-
-    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, np.ndarray]]]: ...
-
-
-class LocalShards:
-    """``ShardClients`` over in-process shards (tests and the local backend)."""
-
-    def __init__(self, shards: list[ShardState]) -> None:
-        self.shards = shards
-
-    def pull(self, requests: dict[int, PullRequest]) -> dict[int, PullReply]:
-        return {s: self.shards[s].pull(r) for s, r in requests.items()}
-
-    def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]:
-        return {s: self.shards[s].push(r) for s, r in requests.items()}
-
-
-@dataclass
-class RunSetup:
-    """What both backends start from: the initial model split over shards, and the mask replica."""
-
-    job: JobConfig
-    ps: PSConfig
-    layout: ParamLayout
-    init: list[dict[str, np.ndarray]]
-    masks: MaskUpdate
-    replica: nn.Module
-    taylor_layers: tuple[str, ...]
 
 
 def setup_run(job: JobConfig, ps: PSConfig, schedule: GrowPruneConfig | None) -> RunSetup:
@@ -156,98 +132,6 @@ def setup_run(job: JobConfig, ps: PSConfig, schedule: GrowPruneConfig | None) ->
     )
 
 
-class LocalBackend:
-    """Shards and trainers as plain objects in this process; calls are served in submission order."""
-
-    def __init__(self, setup: RunSetup) -> None:
-        ps = setup.ps
-        self.shards = [
-            ShardState(
-                s,
-                setup.layout,
-                setup.init[s],
-                setup.masks,
-                setup.job.train,
-                regrow_value=ps.regrow_value,
-                trace_pushes=ps.trace_pushes,
-            )
-            for s in range(ps.servers)
-        ]
-        clients = LocalShards(self.shards)
-        self.trainers = [
-            PSTrainer(r, setup.job, ps, setup.layout, clients, taylor_layers=setup.taylor_layers)
-            for r in range(ps.trainers)
-        ]
-        self._queue: deque[tuple[int, int]] = deque()
-
-    def submit(self, rank: int, steps: int) -> None:
-        self._queue.append((rank, steps))
-
-    def next_report(self) -> ChunkReport:
-        rank, steps = self._queue.popleft()
-        return self.trainers[rank].run_steps(steps)
-
-    def broadcast(self, masks: MaskUpdate) -> None:
-        for shard in self.shards:
-            shard.set_masks(masks)
-
-    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, np.ndarray]]]:
-        return (
-            [t.summary() for t in self.trainers],
-            [s.summary() for s in self.shards],
-            [s.weights() for s in self.shards],
-        )
-
-
-class RayBackend:
-    """Shards and trainers as Ray actors taken from ``pool`` and started for this run."""
-
-    def __init__(self, setup: RunSetup, pool: ActorPool) -> None:
-        import ray
-
-        ps = setup.ps
-        self.servers, self.trainers = pool.take(ps.servers, ps.trainers)
-        layout, masks = ray.put(setup.layout), ray.put(setup.masks)
-        ray.get(
-            [
-                server.start.remote(s, layout, ray.put(setup.init[s]), masks, setup.job.train, ps)
-                for s, server in enumerate(self.servers)
-            ]
-        )
-        ray.get(
-            [
-                trainer.start.remote(r, setup.job, ps, layout, self.servers, setup.taylor_layers)
-                for r, trainer in enumerate(self.trainers)
-            ]
-        )
-        self._refs: dict[Any, int] = {}
-
-    def submit(self, rank: int, steps: int) -> None:
-        self._refs[self.trainers[rank].run_steps.remote(steps)] = rank
-
-    def next_report(self) -> ChunkReport:
-        import ray
-
-        ready, _ = ray.wait(list(self._refs), num_returns=1)
-        self._refs.pop(ready[0])
-        return ray.get(ready[0])
-
-    def broadcast(self, masks: MaskUpdate) -> None:
-        import ray
-
-        ref = ray.put(masks)
-        ray.get([s.set_masks.remote(ref) for s in self.servers])
-
-    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, np.ndarray]]]:
-        import ray
-
-        return (
-            ray.get([t.summary.remote() for t in self.trainers]),
-            ray.get([s.summary.remote() for s in self.servers]),
-            ray.get([s.weights.remote() for s in self.servers]),
-        )
-
-
 class AsyncDriver:
     """Consume trainer reports in any order: windows in stream order, schedule by samples consumed.
 
@@ -267,6 +151,7 @@ class AsyncDriver:
         self, setup: RunSetup, schedule: GrowPruneConfig | None, writer: MetricsWriter | None = None
     ) -> None:
         job, ps = setup.job, setup.ps
+        self.job, self.ps = job, ps
         stream = make_stream(job)
         self.collector = ScoreCollector(
             global_ranges(stream, job.train.increment_rows, job.train.batch_size, ps.trainers),
@@ -281,34 +166,122 @@ class AsyncDriver:
         )
         self.writer = writer
         self.batches: list[BatchTrace] = []
+        self.consumed = [0] * ps.trainers  # batches of each trainer's partition consumed
+        self.samples = 0
         self.max_pending = 0
         self.cpu_seconds = 0.0  # CPU time consuming reports (reorder, windows, schedule, mask broadcast)
+        self.wall_seconds = 0.0
+        self.trainer_restarts: list[dict[str, int]] = []
+        self.shard_restarts: dict[tuple[int, int], int] = {}  # (shard, incarnation) -> updates lost
+        self._partitions: dict[int, list[tuple[int, int]]] = {}
 
     @property
     def mask_version(self) -> int:
         return 0 if self.schedule is None else self.schedule.mask_version
 
-    def consume(self, report: ChunkReport, broadcast: Callable[[MaskUpdate], None]) -> None:
+    @property
+    def lost(self) -> dict[str, Any]:
+        """What faults cost: trainer restarts (batches trained but never scored), shard restarts (pushes
+        applied after the shard's last checkpoint, lost with it)."""
+        shards = [
+            {"shard": s, "incarnation": i, "lost_updates": n}
+            for (s, i), n in sorted(self.shard_restarts.items())
+        ]
+        return {
+            "trainer_restarts": self.trainer_restarts,
+            "shard_restarts": shards,
+            "unscored_rows": sum(r["unscored_rows"] for r in self.trainer_restarts),
+            "lost_updates": sum(s["lost_updates"] for s in shards),
+        }
+
+    def consume(self, report: ChunkReport, broadcast: Callable[[MaskUpdate, int], None]) -> None:
         started = time.thread_time()
+        for restart in report.restarts:
+            key = (restart.shard, restart.incarnation)
+            self.shard_restarts[key] = max(self.shard_restarts.get(key, 0), restart.lost)
         for score in report.scores:
-            closed = len(self.collector.records)
-            for ready in self.collector.add(score):
-                self._trace(ready)
-                if self.schedule is not None:
-                    self.schedule.observe(ready.start, ready.taylor)
-                    masks = self.schedule.advance(self.collector.position)
-                    if masks is not None:
-                        broadcast(masks)
-            if self.writer is not None:
-                for record in self.collector.records[closed:]:
-                    self.writer.write(record)
-            self.max_pending = max(self.max_pending, self.collector.pending)
+            self.consumed[report.rank] += 1
+            self.samples += len(score.labels)
+            self._accept(self.collector.add(score), broadcast)
         self.cpu_seconds += time.thread_time() - started
+
+    def _accept(self, ready_batches, broadcast: Callable[[MaskUpdate, int], None]) -> None:
+        closed = len(self.collector.records)
+        for ready in ready_batches:
+            if len(ready.labels):
+                self._trace(ready)
+            if self.schedule is not None:
+                self.schedule.observe(ready.start, ready.taylor)
+                masks = self.schedule.advance(self.collector.position)
+                if masks is not None:
+                    broadcast(masks, self.schedule.mask_version)
+        if self.writer is not None:
+            for record in self.collector.records[closed:]:
+                self.writer.write(record)
+        self.max_pending = max(self.max_pending, self.collector.pending)
+
+    def restart(self, rank: int, backend: Backend) -> None:
+        """Start trainer ``rank`` again after the last batch any shard took from it; the batches between
+        the last one it reported and that one were trained but never scored: consumed without a score."""
+        resume = max(backend.committed(rank) + 1, self.consumed[rank])
+        if rank not in self._partitions:
+            train = self.job.train
+            stream = make_stream(self.job)
+            self._partitions[rank] = partition_ranges(
+                stream, train.increment_rows, train.batch_size, rank, self.ps.trainers
+            )
+        unscored = self._partitions[rank][self.consumed[rank] : resume]
+        for start, end in unscored:
+            self._accept(self.collector.skip(start, end), backend.broadcast)
+            self.samples += end - start
+        record = {
+            "rank": rank,
+            "position": self.collector.position,
+            "resumed_at_batch": resume,
+            "unscored_batches": len(unscored),
+            "unscored_rows": sum(end - start for start, end in unscored),
+        }
+        self.trainer_restarts.append(record)
+        logger.warning(
+            "trainer %d restarted at batch %d (%d rows trained, never scored)",
+            rank,
+            resume,
+            record["unscored_rows"],
+        )
+        self.consumed[rank] = resume
+        backend.restart_trainer(rank, resume)
 
     def _trace(self, score: BatchScore) -> None:
         n = len(score.labels)
-        ce = float(bce_sum(as_tensor(score.logits), as_tensor(score.labels))) / n if n else float("nan")
+        ce = float(bce_sum(as_tensor(score.logits), as_tensor(score.labels))) / n
         self.batches.append(BatchTrace(score.start, n, ce, score.finished_at, self.mask_version))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "collector": self.collector.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "batches": list(self.batches),
+            "consumed": list(self.consumed),
+            "samples": self.samples,
+            "max_pending": self.max_pending,
+            "cpu_seconds": self.cpu_seconds,
+            "wall_seconds": self.wall_seconds,
+            "trainer_restarts": list(self.trainer_restarts),
+            "shard_restarts": dict(self.shard_restarts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.collector.load_state_dict(state["collector"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        self.batches = list(state["batches"])
+        self.consumed = list(state["consumed"])
+        self.samples = int(state["samples"])
+        self.max_pending = int(state["max_pending"])
+        self.cpu_seconds = float(state["cpu_seconds"])
+        self.wall_seconds = float(state["wall_seconds"])
+        self.trainer_restarts = list(state["trainer_restarts"])
+        self.shard_restarts = dict(state["shard_restarts"])
 
     def finish(self) -> list[WindowRecord]:
         last = self.collector.finish()
@@ -318,24 +291,63 @@ class AsyncDriver:
         return self.collector.records
 
 
-def drive(backend: Backend, driver: AsyncDriver, ps: PSConfig) -> float:
-    """Keep ``IN_FLIGHT`` calls queued per trainer until every partition is done; returns wall seconds."""
+def drive(
+    backend: Backend,
+    driver: AsyncDriver,
+    ps: PSConfig,
+    *,
+    checkpoint_every: int = 0,
+    save: Callable[[int], None] | None = None,
+    max_restarts: int = 0,
+) -> None:
+    """Keep ``IN_FLIGHT`` calls queued per trainer until every partition is done.
+
+    Each time the consumed position passes a multiple of ``checkpoint_every`` rows, no new call is
+    handed out until every queued one has reported; then ``save(position)`` runs and work resumes. A
+    trainer that dies is restarted (at most ``max_restarts`` times per trainer).
+    """
     started = time.perf_counter()
-    outstanding = 0
-    for rank in range(ps.trainers):
-        for _ in range(IN_FLIGHT):
-            backend.submit(rank, ps.chunk_steps)
-            outstanding += 1
     done = [False] * ps.trainers
-    while outstanding:
-        report = backend.next_report()
-        outstanding -= 1
-        driver.consume(report, backend.broadcast)
-        done[report.rank] |= report.done
-        if not done[report.rank]:
-            backend.submit(report.rank, ps.chunk_steps)
-            outstanding += 1
-    return time.perf_counter() - started
+    restarts = [0] * ps.trainers
+    due = _next_mark(driver.collector.position, checkpoint_every)
+
+    def fill(rank: int) -> None:
+        while backend.outstanding_for(rank) < IN_FLIGHT and not done[rank]:
+            backend.submit(rank, ps.chunk_steps)
+
+    for rank in range(ps.trainers):
+        fill(rank)
+    while backend.outstanding():
+        try:
+            report = backend.next_report()
+        except TrainerLost as lost:
+            restarts[lost.rank] += 1
+            if restarts[lost.rank] > max_restarts:
+                raise RuntimeError(
+                    f"{lost} ({restarts[lost.rank]} times; --max-restarts {max_restarts})"
+                ) from lost
+            driver.restart(lost.rank, backend)
+            rank = lost.rank
+        else:
+            driver.consume(report, backend.broadcast)
+            done[report.rank] |= report.done
+            rank = report.rank
+        if due is None or driver.collector.position < due:
+            fill(rank)
+        elif backend.outstanding() == 0:  # a quiet point: every pushed batch has been consumed
+            if save is not None and not driver.collector.complete:
+                backend.invalidate_copies()
+                driver.wall_seconds += time.perf_counter() - started
+                save(driver.collector.position)
+                started = time.perf_counter()
+            due = _next_mark(driver.collector.position, checkpoint_every)
+            for rank in range(ps.trainers):
+                fill(rank)
+    driver.wall_seconds += time.perf_counter() - started
+
+
+def _next_mark(position: int, every: int) -> int | None:
+    return None if not every else (position // every + 1) * every
 
 
 def run_async(
@@ -346,17 +358,23 @@ def run_async(
     backend: str = "ray",
     writer: MetricsWriter | None = None,
     pool: ActorPool | None = None,
+    run_dir: str | Path | None = None,
+    max_restarts: int | None = None,
 ) -> AsyncRunResult:
     """One asynchronous pass over the job's stream; Ray must be initialised for ``backend="ray"``.
 
     Actors come from ``pool`` (a new pool when ``None``); the wall time of the result counts from the
-    first call to the last report, after the actors have started.
+    first call to the last report, after the actors have started. With ``run_dir``, shards checkpoint
+    themselves under ``run_dir/ps/`` and whole-run checkpoints go to ``run_dir/checkpoints/`` every
+    ``job.checkpoint_every`` rows; with ``job.resume == "auto"`` the run continues from the newest one.
+    Trainers that die are restarted up to ``max_restarts`` times each (default: the pool's setting on
+    Ray, 0 for the local backend).
 
     Example::
 
         with ray_session(None, num_cpus=2):
             result = run_async(job, PSConfig(trainers=2, staleness=2), GrowPruneConfig(PhasePlan.every(0.2)))
-        result.records[-1].ce, result.violations, result.staleness()
+        result.records[-1].ce, result.violations, result.staleness(), result.lost
     """
     stream = make_stream(job)
     ps.check_stream(
@@ -366,14 +384,52 @@ def run_async(
         momentum=job.train.momentum,
     )
     setup = setup_run(job, ps, schedule)
+    checkpoints = None
+    resumed: dict[str, Any] | None = None
+    resumed_from = None
+    if run_dir is not None:
+        setup.store_dir = Path(run_dir) / "ps"
+        checkpoints = AsyncCheckpoints(
+            run_dir, keep=job.keep_checkpoints, identity=run_identity(job, ps, schedule)
+        )
+        latest = checkpoints.latest() if job.resume == "auto" else None
+        if latest is None:
+            checkpoints.clear()
+        else:
+            checkpoints.check(latest)
+            resumed, resumed_from = latest.load(), latest.position
+            setup.shard_states, setup.trainer_states = resumed["shards"], resumed["trainers"]
+            logger.info("resuming from %s", latest.path)
+    driver = AsyncDriver(setup, schedule, writer)
+    if resumed is not None:
+        driver.load_state_dict(resumed["driver"])
+        if writer is not None:
+            writer.write_all(driver.collector.records)
     if backend == "ray":
-        runner: Backend = RayBackend(setup, pool or ActorPool())
+        runner: Backend = RayBackend(setup, pool := pool or ActorPool())
+        restarts = pool.max_restarts if max_restarts is None else max_restarts
     elif backend == "local":
-        runner = LocalBackend(setup)
+        runner, restarts = LocalBackend(setup), max_restarts or 0
     else:
         raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
-    driver = AsyncDriver(setup, schedule, writer)
-    wall = drive(runner, driver, ps)
+
+    def save(position: int) -> None:
+        assert checkpoints is not None
+        checkpoints.save(
+            position,
+            shards=runner.shard_states(),
+            trainers=runner.trainer_states(),
+            driver=driver.state_dict(),
+        )
+
+    drive(
+        runner,
+        driver,
+        ps,
+        checkpoint_every=job.checkpoint_every if checkpoints is not None else 0,
+        save=save if checkpoints is not None else None,
+        max_restarts=restarts,
+    )
     records = driver.finish()
     trainers, servers, parts = runner.finish()
     return AsyncRunResult(
@@ -384,7 +440,26 @@ def run_async(
         servers=servers,
         weights=setup.layout.merge_states(parts),
         masks={name: buf.numpy().copy() for name, buf in mask_buffers(setup.replica).items()},
-        wall_seconds=wall,
+        wall_seconds=driver.wall_seconds,
+        samples=driver.samples,
+        lost=driver.lost,
+        resumed_from=resumed_from,
         max_pending=driver.max_pending,
         driver_cpu_seconds=driver.cpu_seconds,
     )
+
+
+def run_identity(job: JobConfig, ps: PSConfig, schedule: GrowPruneConfig | None) -> dict[str, Any]:
+    """Settings a resumed run must share with the run that wrote its checkpoint."""
+    return {
+        "data": job.data,
+        "rows": job.rows,
+        "seed": job.seed,
+        "drift": job.drift,
+        "batch_size": job.train.batch_size,
+        "increment_rows": job.train.increment_rows,
+        "window": job.train.window,
+        "trainers": ps.trainers,
+        "servers": ps.servers,
+        "schedule": None if schedule is None else repr(schedule),
+    }

@@ -3,7 +3,10 @@
 The run folder holds what ``train`` writes (``config.json``, ``windows.jsonl``/``windows.csv``,
 ``summary.json``, ``window_ce.png``, a DCP ``checkpoint/`` of the final model with its masks) plus the
 asynchronous figures in ``summary.json``: per-trainer throughput, the staleness histogram, mask versions,
-closed-weight violations, bytes moved per sample and time per pull/push. A ``d2s`` job writes the dense
+closed-weight violations, bytes moved per sample and time per pull/push, and what faults cost
+(``lost``: trainer and shard restarts, rows trained but never scored, shard updates lost). Whole-run
+checkpoints go to ``checkpoints/`` (a restarted job resumes from the newest), each shard's own
+checkpoints to ``ps/shard-<s>/``. A ``d2s`` job writes the dense
 and serving lines' windows under ``dense/`` and ``serving/`` and, in ``summary.json``, which model served
 each increment and when each job ran.
 """
@@ -129,7 +132,9 @@ def run_ray_job(config: RayTrainConfig, pool: ActorPool | None = None) -> AsyncR
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     with MetricsWriter(run_dir) as writer:
-        result = run_async(config.job, config.ps, config.grow_prune(), writer=writer, pool=pool)
+        result = run_async(
+            config.job, config.ps, config.grow_prune(), writer=writer, pool=pool, run_dir=run_dir
+        )
     if config.job.checkpoint:
         save_checkpoint(final_model(config.job, result), run_dir / "checkpoint")
     (run_dir / "summary.json").write_text(json.dumps(summarize(result), indent=2))
@@ -224,6 +229,9 @@ def summarize(result: AsyncRunResult) -> dict[str, Any]:
         "closed_weight_violations": result.violations,
         "phases": [asdict(p) for p in result.phases],
         "max_reorder_batches": result.max_pending,
+        "resumed_from": result.resumed_from,
+        "lost": result.lost,
+        "duplicate_pushes_dropped": sum(s.get("duplicate_pushes", 0) for s in result.servers),
     }
 
 
@@ -236,7 +244,14 @@ def summarize_line(result: AsyncRunResult | RayD2SResult, run_dir: str | Path) -
         )
     last = result.records[-1] if result.records else None
     figures = f"last window CE {last.ce:.4f} NE {last.ne:.4f}" if last else "no window closed"
+    lost = result.lost
+    faults = (
+        f"restarts: {len(lost['trainer_restarts'])} trainer, {len(lost['shard_restarts'])} shard "
+        f"({lost['unscored_rows']} rows trained unscored, {lost['lost_updates']} shard updates lost)"
+    )
+    resumed = "" if result.resumed_from is None else f"resumed at row {result.resumed_from}; "
     return (
-        f"trained {result.samples} samples on {len(result.trainers)} async trainers; {figures}; "
-        f"staleness {result.staleness()}; closed-weight violations {result.violations}; outputs in {run_dir}"
+        f"trained {result.samples} samples on {len(result.trainers)} async trainers; {resumed}{figures}; "
+        f"staleness {result.staleness()}; closed-weight violations {result.violations}; {faults}; "
+        f"outputs in {run_dir}"
     )

@@ -134,7 +134,8 @@ def mask_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 def keep_mask(layout: ParamLayout, name: str, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """The bool mask of the entries of parameter ``name`` that are open, and whether closed ones are zero.
 
-    A Linear's weight keeps ``weight_mask & neuron_mask & input_mask`` (closed entries are exact zeros);
+    A Linear's weight keeps ``weight_mask & neuron_mask & input_mask`` (closed entries are exact zeros;
+    a layer holds no ``weight_mask`` while every element is open);
     its bias keeps ``neuron_mask`` but a closed bias keeps its value (see ``set_linear_masks_``); a table
     keeps the columns of its ``dim_masks`` entry (shape ``[1, dim]``, broadcast over rows).
     """
@@ -143,10 +144,9 @@ def keep_mask(layout: ParamLayout, name: str, masks: dict[str, torch.Tensor]) ->
         neuron = masks[f"{module}.neuron_mask"]
         if name.endswith(".bias"):
             return neuron.clone(), False
-        keep = (
-            masks[f"{module}.weight_mask"] & neuron.unsqueeze(1) & masks[f"{module}.input_mask"].unsqueeze(0)
-        )
-        return keep, True
+        keep = neuron.unsqueeze(1) & masks[f"{module}.input_mask"].unsqueeze(0)
+        element = masks.get(f"{module}.weight_mask")  # absent while every element is open
+        return (keep & element if element is not None else keep.clone()), True
     for spec in layout.tables.values():
         if spec.param == name:
             return masks[f"{spec.module}.dim_masks.{spec.name}"].unsqueeze(0).clone(), True

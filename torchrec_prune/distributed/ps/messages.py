@@ -30,10 +30,15 @@ class PullRequest:
 
 @dataclass
 class PullReply:
-    """Weights at ``version``; ``masks`` is filled when the shard's mask version is newer than asked."""
+    """Weights at ``version``; ``masks`` is filled when the shard's mask version is newer than asked.
+
+    ``incarnation`` counts the shard's restores from a checkpoint: versions of one incarnation are not
+    comparable with another's, so a trainer that sees it change drops every copy it holds.
+    """
 
     version: int
     mask_version: int
+    incarnation: int = 0
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
@@ -48,10 +53,14 @@ class PushRequest:
     """Gradients computed on weights of version ``copy_version`` under masks of ``mask_version``.
 
     ``rows`` maps a table to ``(global ids, gradient rows)``; ``dense`` maps a parameter to its gradient.
+    ``rank`` and ``batch`` (the batch's index in that trainer's partition) let a shard commit the
+    partition's offset and drop a push it has already applied (a retry after a restart).
     """
 
     copy_version: int
     mask_version: int
+    rank: int
+    batch: int
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -62,7 +71,8 @@ class PushRequest:
 
 @dataclass
 class PushReply:
-    """The shard's version after applying the push, and its mask version."""
+    """The shard's version after applying the push, its mask version and incarnation."""
 
     version: int
     mask_version: int
+    incarnation: int = 0

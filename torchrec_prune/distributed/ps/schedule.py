@@ -11,6 +11,7 @@ rank average the synchronous path all-reduces. The new mask buffers go to every 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,6 +137,26 @@ class AsyncGrowPrune:
             )
         )
         return changed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Phases entered, the importance sums of the open window and the replica's masks."""
+        return {
+            "sums": dict(self._sums),
+            "batches": self._batches,
+            "phases": list(self.phases),
+            "mask_version": self.mask_version,
+            "masks": {name: buf.clone() for name, buf in mask_buffers(self.replica).items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = dict(state["sums"])
+        self._batches = int(state["batches"])
+        self.phases = list(state["phases"])
+        self.mask_version = int(state["mask_version"])
+        buffers = mask_buffers(self.replica)
+        for name, value in state["masks"].items():
+            buffers[name].copy_(value)
 
     def _random_scores(self, index: int) -> dict[str, torch.Tensor]:
         # The same seeded draw as GrowPruneSchedule's first mask of a plan that starts sparse.

@@ -23,6 +23,7 @@ from torch import nn
 
 from torchrec_prune.distributed.ps.layout import ParamLayout, has_mask, keep_mask
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
+from torchrec_prune.distributed.ps.store import ShardStore
 from torchrec_prune.train.optimizer_state import reset_state_
 from torchrec_prune.train.trainer import TrainConfig, make_optimizer
 
@@ -40,6 +41,8 @@ class ShardState:
         train: loop settings (optimizer and learning rate).
         regrow_value: value re-opened weights start from (0: the library's zero-init regrowth).
         trace_pushes: pushes after a growth over which the norm of regrown weights is recorded.
+        store: where the shard checkpoints itself (``None``: never), every ``checkpoint_pushes``
+            applied pushes and after every mask change, so a restored shard has the current masks.
 
     Example::
 
@@ -57,6 +60,8 @@ class ShardState:
         *,
         regrow_value: float = 0.0,
         trace_pushes: int = 200,
+        store: ShardStore | None = None,
+        checkpoint_pushes: int = 0,
     ) -> None:
         self.shard = shard
         self.layout = layout
@@ -74,6 +79,10 @@ class ShardState:
         torch.sparse.check_sparse_tensor_invariants.disable()
         self.version = 0
         self.mask_version = 0
+        self.incarnation = 0
+        self.committed: dict[int, int] = {}  # trainer rank -> index of its last batch this shard took
+        self.store = store
+        self.checkpoint_pushes = checkpoint_pushes
         self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in masks.items()}
         self.keeps = self._keeps()
         self._open = {name: bool(keep.all()) for name, keep in self.keeps.items()}
@@ -89,6 +98,9 @@ class ShardState:
             "violations": 0,
             "masked_entries": 0,
             "dropped_pushes": 0,
+            "duplicate_pushes": 0,
+            "checkpoints": 0,
+            "checkpoint_seconds": 0.0,
             "bytes_in": 0,
             "bytes_out": 0,
             "push_seconds": 0.0,
@@ -112,7 +124,7 @@ class ShardState:
     def pull(self, request: PullRequest) -> PullReply:
         """Current weights of the requested rows (and dense tensors and masks when asked)."""
         started, cpu = time.perf_counter(), time.thread_time()
-        reply = PullReply(version=self.version, mask_version=self.mask_version)
+        reply = PullReply(version=self.version, mask_version=self.mask_version, incarnation=self.incarnation)
         for table, ids in request.rows.items():
             reply.rows[table] = self._table(table).detach()[self.layout.local_rows(ids)].numpy()
         if request.dense:
@@ -130,8 +142,18 @@ class ShardState:
 
     @torch.no_grad()
     def push(self, request: PushRequest) -> PushReply:
-        """Apply one trainer's gradients, masked by the current masks and by those it computed under."""
+        """Apply one trainer's gradients, masked by the current masks and by those it computed under.
+
+        A push of a batch at or before the trainer's committed offset here (Ray retrying a call the
+        shard's previous incarnation had taken) is dropped: no batch is applied twice.
+        """
         started, cpu = time.perf_counter(), time.thread_time()
+        if request.batch <= self.committed.get(request.rank, -1):
+            self.stats["duplicate_pushes"] += 1
+            return PushReply(
+                version=self.version, mask_version=self.mask_version, incarnation=self.incarnation
+            )
+        self.committed[request.rank] = request.batch
         then = self._keeps_at(request.mask_version)
         if then is None:
             self.stats["dropped_pushes"] += 1  # computed under a mask this shard no longer remembers
@@ -144,7 +166,18 @@ class ShardState:
         self.stats["bytes_in"] += request.nbytes
         self.stats["push_seconds"] += time.perf_counter() - started
         self.stats["push_cpu_seconds"] += time.thread_time() - cpu
-        return PushReply(version=self.version, mask_version=self.mask_version)
+        if self.store is not None and self.checkpoint_pushes and self.version % self.checkpoint_pushes == 0:
+            self.checkpoint()
+        return PushReply(version=self.version, mask_version=self.mask_version, incarnation=self.incarnation)
+
+    def checkpoint(self) -> None:
+        """Save the whole state to the shard's store (a no-op without one)."""
+        if self.store is None:
+            return
+        started = time.perf_counter()
+        self.store.save(self.state_dict())
+        self.stats["checkpoints"] += 1
+        self.stats["checkpoint_seconds"] += time.perf_counter() - started
 
     def _keeps_at(self, mask_version: int) -> dict[str, torch.Tensor] | None:
         if mask_version >= self.mask_version:  # same masks, or a newer version another shard has already
@@ -191,9 +224,15 @@ class ShardState:
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_masks(self, masks: dict[str, np.ndarray]) -> int:
+    def set_masks(self, masks: dict[str, np.ndarray], version: int | None = None) -> int:
         """Take new masks: closed and re-opened entries start from 0 (or ``regrow_value`` when re-opened)
-        with fresh optimizer state; closed biases keep their value. Returns the new mask version."""
+        with fresh optimizer state; closed biases keep their value. Returns the new mask version.
+
+        With ``version`` (the driver's), a call for a version the shard already has is a no-op, so Ray
+        may retry it on a shard restored after it had taken (and checkpointed) those masks.
+        """
+        if version is not None and version <= self.mask_version:
+            return self.mask_version
         self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in masks.items()}
         new = self._keeps()
         self._regrown = {}
@@ -211,11 +250,12 @@ class ShardState:
                 self._regrown[name] = reopened
         self.keeps = new
         self._open = {name: bool(keep.all()) for name, keep in new.items()}
-        self.mask_version += 1
+        self.mask_version = self.mask_version + 1 if version is None else version
         self._history.append((self.mask_version, new))
         if self._regrown:
             self.traces.append({"mask_version": self.mask_version, "version": self.version, "norms": []})
             self._record_trace()
+        self.checkpoint()
         return self.mask_version
 
     def _record_trace(self) -> None:
@@ -239,17 +279,23 @@ class ShardState:
             "shard": self.shard,
             "version": self.version,
             "mask_version": self.mask_version,
+            "incarnation": self.incarnation,
             "traces": self.traces,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer state, masks and versions: what a restarted shard needs."""
+        """Weights, optimizer state, masks, versions, committed offsets and counters: what a restarted
+        shard needs."""
         return {
             "weights": self.weights(),
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "masks": {name: m.numpy().copy() for name, m in self.masks.items()},
             "version": self.version,
             "mask_version": self.mask_version,
+            "incarnation": self.incarnation,
+            "committed": dict(self.committed),
+            "stats": {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.stats.items()},
+            "traces": self.traces,
         }
 
     @torch.no_grad()
@@ -263,5 +309,16 @@ class ShardState:
         self._open = {name: bool(keep.all()) for name, keep in self.keeps.items()}
         self.version = int(state["version"])
         self.mask_version = int(state["mask_version"])
+        self.incarnation = int(state["incarnation"])
+        self.committed = {int(r): int(b) for r, b in state["committed"].items()}
+        self.stats = dict(state["stats"]) | {"staleness": Counter(state["stats"]["staleness"])}
+        self.traces = list(state["traces"])
+        self._regrown = {}
         self._history.clear()
         self._history.append((self.mask_version, self.keeps))
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load ``state`` as a new incarnation: what a shard restarted after a fault does."""
+        self.load_state_dict(state)
+        self.incarnation += 1
+        self.stats["restored_at_version"] = self.version

@@ -56,12 +56,28 @@ class BatchScore:
 
 
 @dataclass
+class ShardRestart:
+    """A shard restored from its checkpoint, as a trainer saw it: ``lost`` server versions (applied
+    pushes) between the last version the trainer knew and the version the shard restarted at."""
+
+    shard: int
+    incarnation: int
+    last_seen: int
+    restored: int
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.last_seen - self.restored)
+
+
+@dataclass
 class ChunkReport:
     """What one call to ``run_steps`` produced."""
 
     rank: int
     scores: list[BatchScore]
     done: bool
+    restarts: list[ShardRestart] = field(default_factory=list)
 
 
 class PSTrainer:
@@ -111,6 +127,9 @@ class PSTrainer:
         self.taylor_layers = {fqn: modules[fqn] for fqn in taylor_layers}
         self.known = np.zeros(layout.shards, dtype=np.int64)  # latest server version seen, per shard
         self.dense_version = np.full(layout.shards, _NEVER, dtype=np.int64)
+        self.incarnation = np.zeros(layout.shards, dtype=np.int64)
+        self.restarts: list[ShardRestart] = []
+        self._copies_invalid = False
         self.mask_version = 0
         self.batches_done = 0
         self._batches = self._partition()
@@ -141,12 +160,15 @@ class PSTrainer:
     def run_steps(self, steps: int) -> ChunkReport:
         """Train on up to ``steps`` more batches of the partition; ``done`` when it is exhausted."""
         scores: list[BatchScore] = []
+        done = False
         for _ in range(steps):
             item = next(self._batches, None)
             if item is None:
-                return ChunkReport(self.rank, scores, done=True)
+                done = True
+                break
             scores.append(self.step(*item))
-        return ChunkReport(self.rank, scores, done=False)
+        restarts, self.restarts = self.restarts, []
+        return ChunkReport(self.rank, scores, done=done, restarts=restarts)
 
     def step(self, start: int, end: int, batch: Batch) -> BatchScore:
         """Pull what is missing or stale, score and learn from ``batch``, push its gradients."""
@@ -255,7 +277,7 @@ class PSTrainer:
         newest = self.mask_version
         for s, reply in replies.items():
             self.stats["bytes_pulled"] += reply.nbytes
-            self.known[s] = max(self.known[s], reply.version)
+            self._seen(s, reply.version, reply.incarnation)
             for table, values in reply.rows.items():
                 slots = wanted[(s, table)]
                 self.params[self.layout.tables[table].param].data[as_tensor(slots)] = as_tensor(values)
@@ -279,7 +301,12 @@ class PSTrainer:
 
     def _push(self, rows: Rows, copy: np.ndarray) -> None:
         requests = {
-            s: PushRequest(copy_version=int(copy[s]), mask_version=self.mask_version)
+            s: PushRequest(
+                copy_version=int(copy[s]),
+                mask_version=self.mask_version,
+                rank=self.rank,
+                batch=self.batches_done - 1,
+            )
             for s in range(self.layout.shards)
         }
         for name, shard in self.layout.dense_owner.items():
@@ -301,15 +328,29 @@ class PSTrainer:
         replies = self.clients.push(requests)
         self.stats["push_seconds"] += time.perf_counter() - started
         for s, reply in replies.items():
-            self.known[s] = max(self.known[s], reply.version)
+            self._seen(s, reply.version, reply.incarnation)
             if reply.mask_version > self.mask_version:
-                self._invalidate()
+                self._copies_invalid = True
+        if self._copies_invalid:
+            self._invalidate()
+
+    def _seen(self, shard: int, version: int, incarnation: int) -> None:
+        """Track the shard's version; a new incarnation (restored from its checkpoint, versions back)
+        is reported, and every copy is pulled again after this step."""
+        if incarnation != self.incarnation[shard]:
+            self.restarts.append(ShardRestart(shard, incarnation, int(self.known[shard]), version))
+            self.incarnation[shard] = incarnation
+            self.known[shard] = version
+            self._copies_invalid = True
+        else:
+            self.known[shard] = max(self.known[shard], version)
 
     def _invalidate(self) -> None:
         """New masks on the server: re-pull every weight (and the masks) before the next step."""
         for cache in self.caches.values():
             cache.clear()
         self.dense_version[:] = _NEVER
+        self._copies_invalid = False
 
     # ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -326,14 +367,24 @@ class PSTrainer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the trainer is in its partition (its weights live on the server)."""
-        return {"batches_done": self.batches_done, "mask_version": self.mask_version}
+        """Where the trainer is in its partition, and its counters (its weights live on the server)."""
+        return {"batches_done": self.batches_done, "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Skip the batches already trained; every weight is pulled again before the next step."""
+        """Skip the batches already trained; every weight and the masks are pulled before the next step.
+
+        Without ``stats`` (a trainer restarted after it died) the counters start from zero.
+        """
         self._batches = self._partition()
         for _ in range(int(state["batches_done"])):
             next(self._batches, None)
         self.batches_done = int(state["batches_done"])
+        if "stats" in state:
+            self.stats = dict(state["stats"])
         self.mask_version = -1  # unknown: the next pull brings the server's masks
+        self._invalidate()
+
+    def invalidate(self) -> None:
+        """Drop every copy: the next step pulls rows, dense tensors and masks as a resumed trainer does."""
+        self.mask_version = -1
         self._invalidate()
