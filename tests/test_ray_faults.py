@@ -106,6 +106,7 @@ def test_a_killed_server_shard_restores_its_checkpoint_and_the_lost_updates_are_
     assert [(s["shard"], s["incarnation"]) for s in shards] == [(0, 1)]
     assert 0 <= shards[0]["lost_updates"] < 20 + 2 * PS.chunk_steps  # since the last save, about
     assert result.servers[0]["incarnation"] == 1 and result.servers[1]["incarnation"] == 0
+    assert result.servers[0]["committed"] == result.servers[1]["committed"]  # it took every last push
     assert result.lost["trainer_restarts"] == [] and result.samples == ROWS
     assert sum(r.n for r in result.records) == ROWS  # no trainer died: every batch scored once
     assert result.violations == 0 and [s["mask_version"] for s in result.servers] == [4, 4]

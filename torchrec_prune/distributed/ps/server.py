@@ -280,6 +280,7 @@ class ShardState:
             "version": self.version,
             "mask_version": self.mask_version,
             "incarnation": self.incarnation,
+            "committed": dict(self.committed),
             "traces": self.traces,
         }
 
