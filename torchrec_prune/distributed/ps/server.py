@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,40 @@ from torchrec_prune.train.optimizer_state import reset_state_
 from torchrec_prune.train.trainer import TrainConfig, make_optimizer
 
 _MASK_HISTORY = 8  # mask versions a shard remembers, to mask gradients computed under an older mask
+
+
+RowRule = Callable[[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor], None]
+
+
+def _row_rule(optimizer: torch.optim.Optimizer) -> RowRule | None:
+    """The optimizer's update of a few table rows done with index ops, or ``None`` to use torch's sparse
+    path. Torch's sparse Adagrad coalesces and masks a sparse copy of the whole state for every table
+    (about 0.2 ms each here); the same arithmetic on the rows alone is an order of magnitude cheaper.
+    Covered: plain Adagrad (no lr decay, weight decay or maximize) and SGD without momentum, the
+    parameter server's optimizers (``PSConfig.check_stream`` refuses momentum)."""
+    [group] = optimizer.param_groups
+    lr = float(group["lr"])
+    if isinstance(optimizer, torch.optim.Adagrad):
+        if group["lr_decay"] or group["weight_decay"] or group["maximize"]:
+            return None
+        eps = float(group["eps"])
+
+        def adagrad(
+            param: torch.Tensor, state: dict[str, Any], rows: torch.Tensor, grad: torch.Tensor
+        ) -> None:
+            total = state["sum"].index_select(0, rows).addcmul_(grad, grad)
+            state["sum"].index_copy_(0, rows, total)
+            state["step"] += 1
+            param.detach().index_add_(0, rows, grad / total.sqrt_().add_(eps), alpha=-lr)
+
+        return adagrad
+    if isinstance(optimizer, torch.optim.SGD) and not group["momentum"] and not group["weight_decay"]:
+
+        def sgd(param: torch.Tensor, state: dict[str, Any], rows: torch.Tensor, grad: torch.Tensor) -> None:
+            param.detach().index_add_(0, rows, grad, alpha=-lr)
+
+        return sgd
+    return None
 
 
 class ShardState:
@@ -74,6 +109,10 @@ class ShardState:
             [p for n, p in self.params.items() if n in tables],
         )
         self.optimizers = [make_optimizer(group, train) for group in groups if group]
+        for optimizer in self.optimizers[:-1] if groups[1] else self.optimizers:
+            for group in optimizer.param_groups:  # whole tensors: one multi-tensor kernel per op
+                group["foreach"] = True
+        self._row_rule = _row_rule(self.optimizers[-1]) if groups[1] else None
         # Row gradients are built from unique, sorted ids: opt out of invariant checks explicitly (the
         # default), which also silences torch's warning that they are off.
         torch.sparse.check_sparse_tensor_invariants.disable()
@@ -202,9 +241,12 @@ class ShardState:
             g, local = as_tensor(grad), as_tensor(self.layout.local_rows(ids))
             if spec.param in self.keeps and not (current and self._open[spec.param]):
                 g = self._masked(g, self.keeps[spec.param] & then[spec.param])
-            param.grad = torch.sparse_coo_tensor(
-                local.unsqueeze(0), g, tuple(param.shape), check_invariants=False, is_coalesced=True
-            )
+            if self._row_rule is not None:
+                self._row_rule(param, self.optimizers[-1].state[param], local, g)
+            else:
+                param.grad = torch.sparse_coo_tensor(
+                    local.unsqueeze(0), g, tuple(param.shape), check_invariants=False, is_coalesced=True
+                )
         for optimizer in self.optimizers:
             optimizer.step()
         for param in self.params.values():
