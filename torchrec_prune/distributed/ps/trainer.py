@@ -212,11 +212,12 @@ class PSTrainer:
     def _rows(self, kjt: KeyedJaggedTensor) -> Rows:
         """Per table: distinct global ids, their cache slots, and which are new to the cache."""
         ids: dict[str, list[np.ndarray]] = {}
-        for key, jt in kjt.to_dict().items():
-            ids.setdefault(self.feature_table[key], []).append(jt.values().numpy())
+        values, offsets = kjt.values().numpy(), kjt.offset_per_key()
+        for i, key in enumerate(kjt.keys()):
+            ids.setdefault(self.feature_table[key], []).append(values[offsets[i] : offsets[i + 1]])
         out = {}
         for table, parts in ids.items():
-            unique = np.unique(np.concatenate(parts))
+            unique = np.unique(parts[0] if len(parts) == 1 else np.concatenate(parts))
             slots, new = self.caches[table].assign(unique)
             out[table] = (unique, slots, new)
         return out
