@@ -50,8 +50,8 @@ from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, make_o
 CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "kaggle_head_train.tsv"
 MODEL = DLRMConfig(embedding_dim=8, dense_arch=[64, 32, 8], over_arch=[128, 64, 1], num_embeddings=2000)
 DATASETS = {  # rows: pretrain, phase, fine-tune
-    "synthetic": dict(rows=(10_000, 5_000, 10_000), window=1000, batch=128),
-    "criteo": dict(rows=(3_600, 1_800, 1_800), window=600, batch=64),
+    "synthetic": dict(rows=(10_000, 15_000, 10_000), window=1000, batch=64),
+    "criteo": dict(rows=(3_600, 1_800, 1_800), window=600, batch=32),
 }
 METHODS = ("umec", "magnitude", "taylor")
 
@@ -130,7 +130,11 @@ def run_method(
     steps = stream.num_batches(train.batch_size, start_row=pretrain, num_rows=phase)
     hook: BaseHook | None = None
     if method == "umec":
-        hook = UMECPruner(model, UMECConfig(budget=knob, phase_steps=steps, eta4=100.0, record_every=5))
+        # s may cross each layer about four times over the phase, however short the phase is
+        umec = UMECConfig(
+            budget=knob, phase_steps=steps, eta2=max(0.01, 4 / steps), eta4=100.0, record_every=5
+        )
+        hook = UMECPruner(model, umec)
     elif method in ("magnitude", "taylor"):
         hook = NeuronBaseline(model, knob, steps, method)
     trainer = IncrementalTrainer(model, train, optimizers=[optimizer], hooks=[hook] if hook else [])
@@ -250,14 +254,7 @@ def write(runs: list[dict[str, object]], args: argparse.Namespace, seconds: floa
                     rows.append([dataset, budget, method, "unreachable", "", "", ""])
                     continue
                 cr, ce = spread([r["cr"] for r in done]), spread([r["ce"] for r in done])
-                rel = spread(
-                    [
-                        r["ce"] / d["ce"] - 1
-                        for r in done
-                        for d in runs
-                        if d["dataset"] == dataset and d["seed"] == r["seed"] and d["method"] == "dense"
-                    ]
-                )
+                rel = spread([relative_ce(runs, r) for r in done])
                 summary[f"{dataset}/{budget}/{method}"] = {"cr": cr, "ce": ce, "relative_ce": rel}
                 rows.append(
                     [
@@ -301,12 +298,15 @@ def write(runs: list[dict[str, object]], args: argparse.Namespace, seconds: floa
         "",
         f"Produced by `benchmarks/umec_compress.py` (seeds {args.seeds}, {seconds / 60:.1f} min on",
         f"{machine}).",
-        "DLRM: embedding dim 8, bottom MLP 64-32-8, top MLP 128-64-1, 2000 rows per table. Per seed: dense",
-        "pre-training, then a compression phase, then fine-tuning with fixed masks; CE is the look-ahead",
-        "CE over the fine-tuning rows. Synthetic stream: 10k/5k/10k rows, drift 0.4 per 100k rows. Criteo",
-        "Kaggle head (`../shared/data`): 3.6k/1.8k/1.8k rows. CR counted on the exported plain model.",
-        "Magnitude and Taylor prune the same fraction of neurons in every hidden layer (the smallest beta",
-        "whose CR reaches UMEC's); UMEC also removes features and the common embedding dimension.",
+        "DLRM: embedding dim 8, bottom MLP 64-32-8, top MLP 128-64-1, 2000 rows per table. Per seed:",
+        "dense pre-training, then a compression phase, then fine-tuning with fixed masks; CE is the",
+        "look-ahead CE over the fine-tuning rows (batch 64 synthetic, 32 Criteo). Synthetic stream:",
+        "10k/15k/10k rows, drift 0.4 per 100k rows. Criteo Kaggle head (`../shared/data`): 3.6k/1.8k/1.8k",
+        "rows. CR counted on the exported plain model. Magnitude and Taylor prune the same fraction of",
+        "neurons in every hidden layer (the smallest beta whose CR reaches UMEC's), at budgets",
+        f"{args.compare_budgets}; UMEC also removes features and the common embedding dimension. UMEC's",
+        "eta2 is max(0.01, 4 / phase steps). The synthetic stream's seed is also the seed of its click",
+        "model, so absolute CE differs between seeds; compare relative CE.",
         "",
         "## Budget sweep: exported FLOPs / dense FLOPs (worst seed)",
         "",
@@ -328,11 +328,21 @@ def write(runs: list[dict[str, object]], args: argparse.Namespace, seconds: floa
     (RESULTS / "umec.md").write_text("\n".join(md))
 
 
+def relative_ce(runs, run) -> float:
+    """CE of ``run`` over the dense model's on the same dataset and seed, minus 1."""
+    dense = next(
+        d
+        for d in runs
+        if d["dataset"] == run["dataset"] and d["seed"] == run["seed"] and d["method"] == "dense"
+    )
+    return run["ce"] / dense["ce"] - 1
+
+
 def plot_cr_ce(runs, args) -> None:
+    """Relative look-ahead CE (mean and 95% CI over seeds) against CR, per dataset (paper Fig. 2)."""
     fig, axes = plt.subplots(1, len(args.datasets), figsize=(5.5 * len(args.datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], args.datasets, strict=True):
-        dense = [r["ce"] for r in runs if r["dataset"] == dataset and r["method"] == "dense"]
-        ax.axhline(statistics.fmean(dense), color="m", ls=":", label="dense")
+        ax.axhline(0.0, color="m", ls=":", label="dense")
         for method in METHODS:
             xs, ys, es = [], [], []
             for budget in args.budgets:
@@ -346,12 +356,12 @@ def plot_cr_ce(runs, args) -> None:
                 ]
                 if done:
                     xs.append(statistics.fmean(r["cr"] for r in done))
-                    ce = spread([r["ce"] for r in done])
-                    ys.append(ce["mean"])
-                    es.append(ce["std"])
+                    rel = spread([100 * relative_ce(runs, r) for r in done])
+                    ys.append(rel["mean"])
+                    es.append(rel["ci95"])
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
         ax.set_xlabel("compression ratio (FC FLOPs)")
-        ax.set_ylabel("look-ahead CE, fine-tuning rows")
+        ax.set_ylabel("look-ahead CE vs dense (%), 95% CI")
         ax.set_title(dataset)
         ax.legend()
     fig.tight_layout()
@@ -385,6 +395,10 @@ def plot_allocation(runs) -> None:
         ax.plot(
             steps, [100 * h["removed"][name] / sizes[name] for h in history], label=_label(name, sizes[name])
         )
+    flops = ax.twinx()
+    flops.plot([h["step"] for h in history], [h["flops"] for h in history], "k:", label="R: FLOPs / dense")
+    flops.set_ylabel("R(ceil(s)): FC FLOPs / dense (dotted)")
+    flops.set_ylim(0, 1.05)
     ax.set_xlabel("UMEC step")
     ax.set_ylabel("groups removed (% of layer)")
     ax.set_title(f"{run['dataset']}, budget 0.5 (last point: after removal)")

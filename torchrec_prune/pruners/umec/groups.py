@@ -29,6 +29,7 @@ from torchrec_prune.pruners.structured import neuron_successors
 from torchrec_prune.pruners.targets import Targets
 
 Index = tuple[torch.Tensor, torch.Tensor]  # (row or column index, group id), one entry per pair
+Blocks = dict[str, list[tuple[str, torch.Tensor, int]]]  # EBC FQN -> (table, weight block, first column)
 
 
 @dataclass
@@ -122,53 +123,74 @@ def check_disjoint(layers: Iterable[GroupLayer]) -> None:
             owner[unit] = layer.name
 
 
+def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module]) -> Blocks:
+    """The local weight blocks of every table a group layer holds (views of the live weights, taken
+    once: ``embedding_weight_blocks`` reads the collection's state dict, too slow for every step)."""
+    out: Blocks = {}
+    for layer in layers:
+        for fqn, tables in layer.tables.items():
+            wanted = set(tables)
+            out[fqn] = [
+                (t, block, col0) for t, block, col0, _ in embedding_weight_blocks(modules[fqn]) if t in wanted
+            ]
+    return out
+
+
 @torch.no_grad()
-def squared_norms(layers: list[GroupLayer], modules: Mapping[str, nn.Module]) -> list[torch.Tensor]:
+def squared_norms(
+    layers: list[GroupLayer], modules: Mapping[str, nn.Module], blocks: Blocks
+) -> list[torch.Tensor]:
     """Per layer, the squared L2 norm of every group (this rank's share of sharded tables)."""
+    squares: dict[str, torch.Tensor] = {}
+
+    def square(fqn: str) -> torch.Tensor:
+        if fqn not in squares:
+            squares[fqn] = modules[fqn].weight.detach().float().square()
+        return squares[fqn]
+
     out = []
     for layer in layers:
         norms = torch.zeros(layer.size)
         for fqn, (idx, gid) in layer.rows.items():
-            linear = modules[fqn]
-            sq = linear.weight.detach().float().square().sum(1)
-            if linear.bias is not None:
-                sq = sq + linear.bias.detach().float().square()
+            bias = modules[fqn].bias
+            sq = square(fqn).sum(1)
+            if bias is not None:
+                sq = sq + bias.detach().float().square()
             norms.index_add_(0, gid, sq.cpu()[idx])
         for fqn, (idx, gid) in layer.cols.items():
-            sq = modules[fqn].weight.detach().float().square().sum(0)
-            norms.index_add_(0, gid, sq.cpu()[idx])
-        for fqn, tables in layer.tables.items():
-            wanted = set(tables)
-            for table, block, col0, _ in embedding_weight_blocks(modules[fqn]):
-                if table in wanted:
-                    norms[col0 : col0 + block.shape[1]] += block.detach().float().square().sum(0).cpu()
+            norms.index_add_(0, gid, square(fqn).sum(0).cpu()[idx])
+        for fqn in layer.tables:
+            for _, block, col0 in blocks[fqn]:
+                norms[col0 : col0 + block.shape[1]] += block.detach().float().square().sum(0).cpu()
         out.append(norms)
     return out
 
 
 @torch.no_grad()
-def shrink_(layer: GroupLayer, factor: torch.Tensor, modules: Mapping[str, nn.Module]) -> None:
+def shrink_(
+    layer: GroupLayer, factor: torch.Tensor, modules: Mapping[str, nn.Module], blocks: Blocks
+) -> None:
     """Multiply every weight of group ``g`` by ``factor[g]`` (the proximal step), in place."""
     for fqn, (idx, gid) in layer.rows.items():
         linear = modules[fqn]
-        scale = _scale(linear.out_features, idx, factor[gid]).to(linear.weight.device)
+        scale = _scale(linear.out_features, idx, gid, factor).to(linear.weight.device)
         linear.weight.mul_(scale.unsqueeze(1).to(linear.weight.dtype))
         if linear.bias is not None:
             linear.bias.mul_(scale.to(linear.bias.dtype))
     for fqn, (idx, gid) in layer.cols.items():
         linear = modules[fqn]
-        scale = _scale(linear.in_features, idx, factor[gid]).to(linear.weight.device)
+        scale = _scale(linear.in_features, idx, gid, factor).to(linear.weight.device)
         linear.weight.mul_(scale.unsqueeze(0).to(linear.weight.dtype))
-    for fqn, tables in layer.tables.items():
-        wanted = set(tables)
-        for table, block, col0, _ in embedding_weight_blocks(modules[fqn]):
-            if table in wanted:
-                block.mul_(factor[col0 : col0 + block.shape[1]].to(block.device, block.dtype).unsqueeze(0))
+    for fqn in layer.tables:
+        for _, block, col0 in blocks[fqn]:
+            block.mul_(factor[col0 : col0 + block.shape[1]].to(block.device, block.dtype).unsqueeze(0))
 
 
-def _scale(n: int, idx: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _scale(n: int, idx: torch.Tensor, gid: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Per-entry product of the factors of the groups an entry belongs to (1 for no group)."""
-    return torch.zeros(n).index_add_(0, idx, factor.log()).exp()
+    if len(idx) == n and bool((idx == gid).all()):  # entry i is group i (neurons, common dimension)
+        return factor
+    return torch.zeros(n).index_add_(0, idx, factor[gid].log()).exp()
 
 
 @torch.no_grad()

@@ -51,10 +51,36 @@ from torchrec_prune.pruners.umec.groups import (
     neuron_layers,
     shrink_,
     squared_norms,
+    table_blocks,
     touched_modules,
 )
 from torchrec_prune.pruners.umec.resource import RESOURCES, ResourceModel
 from torchrec_prune.train.hooks import StepContext
+
+
+class _Adam:
+    """Adam (Kingma & Ba; torch's defaults) on the small vector ``u``: the paper's optimizer for ``s``,
+    without ``torch.optim``'s per-step overhead, which would cost more than the whole UMEC update."""
+
+    def __init__(
+        self, n: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m, self.v, self.t = torch.zeros(n), torch.zeros(n), 0
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad.square()
+        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
+        return param - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self.m.clone(), "v": self.v.clone(), "t": self.t}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.m, self.v, self.t = state["m"].clone(), state["v"].clone(), state["t"]
 
 
 def check_budget(name: str, value: object) -> None:
@@ -79,6 +105,8 @@ class UMECConfig:
         embedding_dims: learn DLRM's common embedding dimension.
         neurons: learn the neurons of every hidden layer selected by ``targets``.
         targets: which hidden layers (producer FQNs) have neuron groups.
+        update_every: training steps per UMEC iteration (1: every step, as in the paper's Algorithm 1;
+            more runs several weight steps per iteration, which divides UMEC's cost per step).
         record_every: steps between entries of ``history`` (the learned allocation over training).
 
     Example::
@@ -97,6 +125,7 @@ class UMECConfig:
     embedding_dims: bool = True
     neurons: bool = True
     targets: Targets = field(default_factory=Targets)
+    update_every: int = 1
     record_every: int = 10
 
     def __post_init__(self) -> None:
@@ -104,6 +133,7 @@ class UMECConfig:
         if self.bytes_budget is not None:
             check_budget("UMECConfig.bytes_budget (--bytes-budget)", self.bytes_budget)
         check_steps("UMECConfig", "phase_steps", self.phase_steps)
+        check_steps("UMECConfig", "update_every", self.update_every)
         check_steps("UMECConfig", "record_every", self.record_every)
         for name in ("eta1", "eta2", "eta4"):
             value = getattr(self, name)
@@ -173,9 +203,10 @@ class UMECPruner(PrunerBase):
                     f"{flag} {float(self.budgets[r]):g} is below the smallest model that keeps one group "
                     f"per layer ({least:.4f} of the dense model's {name}); give {flag} >= {least:.4f}"
                 )
+        self._blocks = table_blocks(layers, self._modules)
         self.sizes = torch.tensor([layer.size for layer in layers], dtype=torch.float32)
-        self.u = torch.zeros(len(layers), requires_grad=True)  # s_l / n_l
-        self._adam = torch.optim.Adam([self.u], lr=config.eta2)
+        self.u = torch.zeros(len(layers))  # s_l / n_l
+        self._adam = _Adam(len(layers), config.eta2)
         self.y = torch.zeros(len(layers))
         self.z = torch.zeros(len(RESOURCES))
         self.history: list[dict[str, Any]] = []
@@ -185,7 +216,7 @@ class UMECPruner(PrunerBase):
     @property
     def s(self) -> torch.Tensor:
         """Continuous number of groups to remove, per layer."""
-        return self.u.detach() * self.sizes
+        return self.u * self.sizes
 
     def counts(self) -> list[int]:
         """``ceil(s_l)``, at most ``n_l - 1`` (every layer keeps a group)."""
@@ -199,7 +230,7 @@ class UMECPruner(PrunerBase):
         return {layer.name: (k, layer.size) for layer, k in zip(self.layers, counts, strict=True)}
 
     def _norms(self) -> list[torch.Tensor]:
-        norms = squared_norms(self.layers, self._modules)
+        norms = squared_norms(self.layers, self._modules, self._blocks)
         flat = torch.cat(norms)
         all_reduce_mean_([flat])  # every rank ranks the same groups
         return list(flat.split([layer.size for layer in self.layers]))
@@ -209,7 +240,8 @@ class UMECPruner(PrunerBase):
         if self.finalized:
             return
         self.steps += 1
-        self.update()
+        if self.steps % self.config.update_every == 0:
+            self.update()
         if self.steps >= self.config.phase_steps:
             self.finalize(ctx)
 
@@ -227,7 +259,7 @@ class UMECPruner(PrunerBase):
             if k and y > 0:
                 factor = torch.ones(layer.size)
                 factor[order[:k]] = 1.0 / (1.0 + 2.0 * cfg.eta1 * y)
-                shrink_(layer, factor, self._modules)
+                shrink_(layer, factor, self._modules, self._blocks)
                 norm.mul_(factor.square())
         # 2. s: straight-through gradient, Adam step
         grad = torch.zeros(len(self.layers))
@@ -239,9 +271,7 @@ class UMECPruner(PrunerBase):
                 step[i] += 1
                 d_resource = torch.tensor(self.resource.evaluate(profiles, step)) - now
             grad[i] = (d_sparsity + (self.z * d_resource).sum()) * layer.size
-        with torch.enable_grad():
-            self.u.grad = grad
-            self._adam.step()
+        self.u = self._adam.step(self.u, grad)
         self.u.clamp_(min=torch.zeros_like(self.sizes), max=(self.sizes - 1) / self.sizes)
         # 3. y: squared norm of the ceil(s) smallest groups of the new weights
         for i, (norm, k) in enumerate(zip(norms, self.counts(), strict=True)):
@@ -307,7 +337,7 @@ class UMECPruner(PrunerBase):
         history and what ``finalize`` removed."""
         return {
             **super().state_dict(),
-            "u": self.u.detach().clone(),
+            "u": self.u.clone(),
             "y": self.y.clone(),
             "z": self.z.clone(),
             "adam": self._adam.state_dict(),
@@ -321,8 +351,7 @@ class UMECPruner(PrunerBase):
         check_keys("UMECPruner", state, self.state_dict())
         if state["layers"] != [layer.name for layer in self.layers]:
             raise ValueError(f"UMECPruner state is for group layers {state['layers']}, not these")
-        with torch.no_grad():
-            self.u.copy_(state["u"])
+        self.u = state["u"].clone()
         self.y = state["y"].clone()
         self.z = state["z"].clone()
         self._adam.load_state_dict(state["adam"])

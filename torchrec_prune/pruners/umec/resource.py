@@ -89,8 +89,11 @@ class ResourceModel:
                 self.tables.append(
                     _Table(fqn, config.name, config.num_embeddings, config.embedding_dim, size)
                 )
-        # per layer, per (Linear, axis): membership [groups, width] and whether groups are disjoint
+        # per layer, per (Linear, axis): membership [groups, width] where groups share entries, else
+        # the entries each group holds; a layer whose groups hold equal disjoint shares (neurons, the
+        # common dimension) has a profile that does not depend on the order, computed once
         self._members: list[dict[tuple[str, str], torch.Tensor]] = []
+        self._fixed: list[Profile | None] = []
         widths = {lin.fqn: (lin.outputs, lin.inputs) for lin in self.linears}
         for layer in self.layers:
             members = {}
@@ -98,34 +101,44 @@ class ResourceModel:
                 for fqn, (idx, gid) in parts.items():
                     m = torch.zeros(layer.size, widths[fqn][axis == "col"], dtype=torch.long)
                     m[gid, idx] = 1
-                    members[(fqn, axis)] = m
+                    members[(fqn, axis)] = m.sum(1) if int(m.sum(0).max()) <= 1 else m.bool()
             self._members.append(members)
+            uniform = all(m.dim() == 1 and bool((m == m[0]).all()) for m in members.values())
+            self._fixed.append(None)
+            if uniform and not layer.features:
+                self._fixed[-1] = self._profile(layer, members, torch.arange(layer.size))
         nothing = self.profiles([torch.arange(layer.size) for layer in self.layers])
         self.dense_flops, self.dense_bytes = self.absolute(nothing, [0] * len(self.layers))
 
     def profiles(self, orders: Sequence[torch.Tensor]) -> list[Profile]:
         """Removal profiles of every layer when its groups are removed in ``orders[l]`` order."""
-        out = []
-        for layer, members, order in zip(self.layers, self._members, orders, strict=True):
-            linear = {}
-            for key, m in members.items():
-                ranked = m[order]
-                if int(m.sum(0).max()) <= 1:  # disjoint groups: counts add up
-                    counts = ranked.sum(1).cumsum(0)
-                else:  # shared entries (DLRM's dot products) go with the first group that removes them
-                    counts = (ranked.cumsum(0) > 0).sum(1)
-                linear[key] = [0, *counts.tolist()]
-            dims = [(fqn, t) for fqn, tables in layer.tables.items() for t in tables]
-            dead = {}
-            for fqn, ids in layer.features.items():
-                member = self._feature_tables[fqn][ids[order]]
-                gone = member.cumsum(0) == self._feature_tables[fqn].sum(0)
-                gone = torch.cat([torch.zeros(1, gone.shape[1], dtype=torch.bool), gone])
-                names = [t.name for t in self.tables if t.ebc == fqn]
-                for i, name in enumerate(names):
-                    dead[(fqn, name)] = gone[:, i].tolist()
-            out.append(Profile(linear, dims, dead))
-        return out
+        return [
+            fixed or self._profile(layer, members, order)
+            for layer, members, order, fixed in zip(
+                self.layers, self._members, orders, self._fixed, strict=True
+            )
+        ]
+
+    def _profile(
+        self, layer: GroupLayer, members: dict[tuple[str, str], torch.Tensor], order: torch.Tensor
+    ) -> Profile:
+        linear = {}
+        for key, m in members.items():
+            if m.dim() == 1:  # disjoint groups: counts add up
+                counts = m[order].cumsum(0)
+            else:  # shared entries (DLRM's dot products) go with the first group that removes them
+                counts = (m[order].long().cumsum(0) > 0).sum(1)
+            linear[key] = [0, *counts.tolist()]
+        dims = [(fqn, t) for fqn, tables in layer.tables.items() for t in tables]
+        dead = {}
+        for fqn, ids in layer.features.items():
+            member = self._feature_tables[fqn][ids[order]]
+            gone = member.cumsum(0) == self._feature_tables[fqn].sum(0)
+            gone = torch.cat([torch.zeros(1, gone.shape[1], dtype=torch.bool), gone])
+            names = [t.name for t in self.tables if t.ebc == fqn]
+            for i, name in enumerate(names):
+                dead[(fqn, name)] = gone[:, i].tolist()
+        return Profile(linear, dims, dead)
 
     def evaluate(self, profiles: Sequence[Profile], removed: Sequence[int]) -> tuple[float, float]:
         """``(FLOPs, bytes)`` with ``removed[l]`` groups of layer ``l`` gone, as fractions of dense."""
@@ -165,7 +178,7 @@ class ResourceModel:
             # keep last the group that removes least when the others are gone (largest exclusive share)
             exclusive = torch.zeros(layer.size, dtype=torch.long)
             for m in members.values():
-                exclusive += (m * (m.sum(0, keepdim=True) == 1)).sum(1)
+                exclusive += m if m.dim() == 1 else (m & (m.sum(0, keepdim=True) == 1)).sum(1)
             kept = int(torch.argmax(exclusive))
             order = [g for g in range(layer.size) if g != kept] + [kept]
             orders.append(torch.tensor(order))
