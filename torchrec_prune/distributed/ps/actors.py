@@ -91,10 +91,15 @@ class RayShards:
         return dict(zip(refs, ray.get(list(refs.values())), strict=True))
 
     def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]:
+        return self.wait(self.push_async(requests))
+
+    def push_async(self, requests: dict[int, PushRequest]) -> dict[int, Any]:
+        return {s: self.handles[s].push.remote(r) for s, r in requests.items()}
+
+    def wait(self, pending: dict[int, Any]) -> dict[int, PushReply]:
         import ray
 
-        refs = {s: self.handles[s].push.remote(r) for s, r in requests.items()}
-        return dict(zip(refs, ray.get(list(refs.values())), strict=True))
+        return dict(zip(pending, ray.get(list(pending.values())), strict=True))
 
 
 class ServerActor:

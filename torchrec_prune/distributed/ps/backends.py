@@ -105,6 +105,12 @@ class LocalShards:
     def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]:
         return {s: self.shards[s].push(r) for s, r in requests.items()}
 
+    def push_async(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]:
+        return self.push(requests)  # applied at once: the replies are the handle
+
+    def wait(self, pending: dict[int, PushReply]) -> dict[int, PushReply]:
+        return pending
+
 
 class LocalBackend:
     """Shards and trainers as plain objects in this process; calls are served in submission order."""

@@ -1,5 +1,6 @@
 """One asynchronous trainer: its own partition of the stream, the library's model and forward, a bounded
-row cache, pulls when its copy is too stale and a push after every batch (SPEC 8).
+row cache, pulls when its copy is too stale and a push after every batch (SPEC 8). With a staleness
+above 1 the push is not waited for: the next batch's work overlaps the shards applying it.
 
 ``PSTrainer`` is a plain class over any ``ShardClients`` (in-process shards in tests, Ray actor handles
 in a run), so the training step is tested without Ray. Each batch is scored (look-ahead) by the forward
@@ -41,6 +42,12 @@ class ShardClients(Protocol):
     def pull(self, requests: dict[int, PullRequest]) -> dict[int, PullReply]: ...
 
     def push(self, requests: dict[int, PushRequest]) -> dict[int, PushReply]: ...
+
+    def push_async(self, requests: dict[int, PushRequest]) -> Any:
+        """Send the pushes without waiting; ``wait`` on the handle returns the replies."""
+        ...
+
+    def wait(self, pending: Any) -> dict[int, PushReply]: ...
 
 
 @dataclass
@@ -130,6 +137,7 @@ class PSTrainer:
         self.incarnation = np.zeros(layout.shards, dtype=np.int64)
         self.restarts: list[ShardRestart] = []
         self._copies_invalid = False
+        self._in_flight: Any = None  # the last push, while its replies are not taken
         self.mask_version = 0
         self.batches_done = 0
         self._batches = self._partition()
@@ -167,6 +175,9 @@ class PSTrainer:
                 done = True
                 break
             scores.append(self.step(*item))
+        self._collect()
+        if self._copies_invalid:
+            self._invalidate()
         restarts, self.restarts = self.restarts, []
         return ChunkReport(self.rank, scores, done=done, restarts=restarts)
 
@@ -324,16 +335,32 @@ class PSTrainer:
                 pick = owner == s
                 if pick.any():
                     requests[s].rows[table] = (ids[pick], grad_rows[pick])
-        started = time.perf_counter()
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
-        replies = self.clients.push(requests)
+        self._collect()
+        started = time.perf_counter()
+        if self.ps.staleness > 1:  # the next step may compute before this push is applied
+            self._in_flight = self.clients.push_async(requests)
+        else:
+            self._replies(self.clients.push(requests))
         self.stats["push_seconds"] += time.perf_counter() - started
+        if self._copies_invalid:
+            self._invalidate()
+
+    def _collect(self) -> None:
+        """Wait for the push in flight (one at most: a shard then applies a trainer's pushes in order and
+        a pull sent after it sees it) and take its replies."""
+        if self._in_flight is not None:
+            started = time.perf_counter()
+            replies = self.clients.wait(self._in_flight)
+            self._in_flight = None
+            self.stats["push_seconds"] += time.perf_counter() - started
+            self._replies(replies)
+
+    def _replies(self, replies: dict[int, PushReply]) -> None:
         for s, reply in replies.items():
             self._seen(s, reply.version, reply.incarnation)
             if reply.mask_version > self.mask_version:
                 self._copies_invalid = True
-        if self._copies_invalid:
-            self._invalidate()
 
     def _seen(self, shard: int, version: int, incarnation: int) -> None:
         """Track the shard's version; a new incarnation (restored from its checkpoint, versions back)
