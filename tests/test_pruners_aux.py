@@ -337,3 +337,41 @@ def test_min_layer_density_keeps_the_highest_scored_weights_of_every_layer():
         assert int(kept.sum()) == math.ceil(0.05 * kept.numel())
         assert pruner.latent[fqn][kept].min() >= pruner.latent[fqn][~kept].max()  # the best scores
         assert bool((layer.weight[~kept] == 0).all())  # the rest is pruned for good after the phase
+
+
+def _sparsity_after_phase(base: nn.Module, lam: float, steps: int, eps: float | None = None) -> float:
+    model = copy.deepcopy(base)
+    pruner = AuxPruner(model, AuxConfig(lam=lam, eps=eps, phase_steps=steps))
+    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    ctx = StepContext(model=model, optimizers=[opt])
+    x, y = _task()
+    for _ in range(steps):
+        pruner_step(model, pruner, ctx, x, y)
+    assert pruner.finalized
+    return overall_sparsity(pruner.stats())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lambda_alone_sets_sparsity_whatever_the_phase_length(seed):
+    # eps = latent_budget / phase_steps: a weight is pruned when its mean rescaled importance over the
+    # phase is below lambda - a0 / budget, which does not depend on the phase length. Tolerance: 0.05 of
+    # the weights, for phases of 25 and 200 steps (the mean importance itself moves a little as the model
+    # trains 8x longer under the penalty).
+    torch.manual_seed(seed)
+    base = _pretrained()
+    short, long = (_sparsity_after_phase(base, 1.5, steps) for steps in (25, 200))
+    assert 0.3 < short < 0.95
+    assert abs(short - long) <= 0.05, (short, long)
+    # A fixed step lacks that property: 25 steps of 0.01 cannot move a latent score by a0 = 1.
+    assert _sparsity_after_phase(base, 1.5, 25, eps=0.01) < short - 0.3
+
+
+def test_eps_is_derived_from_the_latent_budget():
+    assert AuxConfig(phase_steps=200).step == pytest.approx(tp.pruners.aux.LATENT_BUDGET / 200)
+    assert AuxConfig(phase_steps=200, latent_budget=4.0).step == pytest.approx(0.02)
+    assert AuxConfig(eps=0.3, phase_steps=200).step == 0.3
+    assert AuxConfig(eps=0.3, phase_steps=None).step == 0.3
+    with pytest.raises(ValueError, match="eps is required when phase_steps is None"):
+        AuxConfig(phase_steps=None)
+    with pytest.raises(ValueError, match="latent_budget must be > 0"):
+        AuxConfig(latent_budget=0.0)

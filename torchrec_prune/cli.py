@@ -293,6 +293,9 @@ def _cmd_d2s(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     return _prepare_run(args, argv, extra, train, check, replica="dense")
 
 
+_EPS_HELP = (
+    "AUX latent-score step (default: latent budget 10 / pruning-phase steps, so lambda alone sets sparsity)"
+)
 _D2S_FLAGS = (
     "r", "p", "mode", "threshold", "min_age", "warmup", "prune_fraction", "lam", "eps", "with_baseline"
 )  # fmt: skip
@@ -412,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     d2s.add_argument("--warmup", type=int, default=None, help="increments before the first sparse model")
     d2s.add_argument("--prune-fraction", type=float, default=0.5, help="share of the p increments pruning")
     d2s.add_argument("--lam", type=float, default=1.75, help="AUX sparsity penalty lambda")
-    d2s.add_argument("--eps", type=float, default=0.2, help="AUX latent-score step")
+    d2s.add_argument("--eps", type=float, default=None, help=_EPS_HELP)
     d2s.add_argument(
         "--with-baseline", action="store_true", help="also run the single fixed-mask AUX model (baseline)"
     )
@@ -430,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True, help="aux | mp | tp | mop | taylor-neuron")
     prune.add_argument("--checkpoint", required=True, help="DCP checkpoint folder, e.g. RUN/checkpoint")
     prune.add_argument("--lam", type=float, default=None, help="AUX sparsity penalty lambda (default 1.75)")
-    prune.add_argument("--eps", type=float, default=None, help="AUX latent-score step (default 0.05)")
+    prune.add_argument("--eps", type=float, default=None, help=_EPS_HELP)
     prune.add_argument("--sparsity", type=float, default=None, help="MP/TP/MoP per-layer target (0.8)")
     prune.add_argument("--beta", type=float, default=None, help="taylor-neuron pruned fraction (default 0.5)")
     prune.add_argument("--prune-rows", type=int, default=20_000, help="rows of the pruning phase")

@@ -37,6 +37,8 @@ from torchrec_prune.pruners.schedules import check_steps
 from torchrec_prune.pruners.targets import Targets, select_linears
 from torchrec_prune.train.hooks import StepContext
 
+LATENT_BUDGET = 10.0  # default eps * phase_steps of AUX's latent scores (see AuxConfig)
+
 
 @dataclass
 class AuxConfig:
@@ -46,7 +48,14 @@ class AuxConfig:
         lam: sparsity penalty lambda (>= 0); with the rescaled terms about 1.75 gives 75% sparsity.
         w1: weight of the Taylor term |G| / mean|G| (>= 0).
         w2: weight of the magnitude term |theta| / mean|theta| (>= 0); w1 + w2 > 0.
-        eps: SGD step of the latent scores (> 0).
+        eps: SGD step of the latent scores (> 0); ``None`` (default) derives it as ``latent_budget /
+            phase_steps``, so that lambda alone sets the sparsity whatever the phase length.
+        latent_budget: how far the latent scores can move over a whole phase (> 0) when ``eps`` is
+            derived. After ``T`` steps ``a = a0 + eps * sum(importance - lambda)``; with ``eps = B / T``
+            this is ``a0 + B * mean(importance - lambda)``, so a weight is pruned when its mean rescaled
+            importance over the phase is below ``lambda - a0 / B``, the same for every ``T``. The
+            default 10 makes that offset 0.1 (a0 = 1) and equals the former fixed step 0.01 over 1000
+            steps, which set the lambda -> sparsity map (1.75 -> about 75%).
         a0: initial latent score of open weights (> 0); closed weights start at -a0.
         phase_steps: steps of the pruning phase, after which the mask is frozen (>= 1); ``None`` is the
             adaptation variant, which keeps updating the mask.
@@ -61,7 +70,8 @@ class AuxConfig:
     lam: float = 1.75
     w1: float = 0.5
     w2: float = 0.5
-    eps: float = 0.01
+    eps: float | None = None
+    latent_budget: float = LATENT_BUDGET
     a0: float = 1.0
     phase_steps: int | None = 1000
     targets: Targets = field(default_factory=Targets)
@@ -73,12 +83,31 @@ class AuxConfig:
         if not 0 <= self.min_layer_density < 1:
             raise ValueError(f"AuxConfig.min_layer_density must be in [0, 1), got {self.min_layer_density!r}")
         check_weights("AuxConfig", self.w1, self.w2)
-        for name in ("eps", "a0"):
+        for name in ("eps", "latent_budget", "a0"):
             value = getattr(self, name)
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise ValueError(f"AuxConfig.{name} must be > 0, got {value!r}")
         if self.phase_steps is not None:
             check_steps("AuxConfig", "phase_steps", self.phase_steps)
+        elif self.eps is None:
+            raise ValueError(
+                "AuxConfig.eps is required when phase_steps is None (the adaptation variant has no phase "
+                "to spread latent_budget over): pass eps = latent_budget / the steps of the phase it "
+                "replaces, e.g. AuxConfig(...).step_for(steps)"
+            )
+
+    def step_for(self, phase_steps: int) -> float:
+        """The latent-score step of a phase of ``phase_steps`` steps: ``eps`` if set, else
+        ``latent_budget / phase_steps``."""
+        return self.eps if self.eps is not None else self.latent_budget / phase_steps
+
+    @property
+    def step(self) -> float:
+        """The latent-score step this configuration uses."""
+        if self.phase_steps is None:
+            assert self.eps is not None  # checked in __post_init__
+            return self.eps
+        return self.step_for(self.phase_steps)
 
 
 class AuxPruner(PrunerBase):
@@ -98,6 +127,7 @@ class AuxPruner(PrunerBase):
     def __init__(self, model: nn.Module, config: AuxConfig) -> None:
         super().__init__(select_linears(model, config.targets, "AuxPruner"))
         self.config = config
+        self.eps = config.step
         self.latent = {
             fqn: torch.where(layer.weight_mask, config.a0, -config.a0).float()
             for fqn, layer in self.linears.items()
@@ -127,7 +157,7 @@ class AuxPruner(PrunerBase):
             theta = layer.weight.detach()
             importance = combined_importance(cfg.w1, grad * theta, cfg.w2, theta)
             latent = self.latent[fqn]
-            latent.add_(importance.float() - cfg.lam, alpha=cfg.eps)
+            latent.add_(importance.float() - cfg.lam, alpha=self.eps)
             keep = latent_sign(latent, cfg.min_layer_density)
             self._warn_if_empty(fqn, keep)
             layer.weight_mask.copy_(keep)

@@ -82,8 +82,8 @@ class PruneConfig:
         sparsity: MP/TP/MoP target fraction of pruned weights per layer, in [0, 1).
         beta: fraction of neurons pruned by ``taylor-neuron``, in (0, 1).
         prune_rows: rows of the pruning phase (>= 1); its batches set the phase length in steps.
-        eps: AUX step of the latent scores (> 0); the phase should be long enough that
-            ``eps * steps`` is well above ``a0`` (1), or lambda's sparsity depends on the phase length.
+        eps: AUX step of the latent scores (> 0); ``None`` (default) derives it from AUX's latent
+            budget as ``budget / phase steps``, so lambda's sparsity does not depend on the phase length.
         w1: weight of the Taylor term (AUX) or of the magnitude term (MoP), >= 0.
         w2: weight of the magnitude term (AUX) or of the momentum term (MoP), >= 0.
         update_every: steps between mask updates of the MP/TP/MoP ramp (>= 1).
@@ -95,7 +95,7 @@ class PruneConfig:
     sparsity: float = 0.8
     beta: float = 0.5
     prune_rows: int = 20_000
-    eps: float = 0.05
+    eps: float | None = None
     w1: float = 0.5
     w2: float = 0.5
     update_every: int = 1
@@ -110,7 +110,7 @@ class PruneConfig:
         check_beta("PruneConfig", self.beta)
         check_steps("PruneConfig", "prune_rows", self.prune_rows)
         check_steps("PruneConfig", "update_every", self.update_every)
-        if not self.eps > 0:
+        if self.eps is not None and not self.eps > 0:
             raise ValueError(f"PruneConfig.eps must be > 0, got {self.eps!r}")
         check_weights("PruneConfig", self.w1, self.w2)
 

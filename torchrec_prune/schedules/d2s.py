@@ -400,9 +400,15 @@ class PruningJob:
         self.device = device
         self.forward_fn = forward_fn
 
-    def adaptation_pruner(self, model: nn.Module) -> AuxPruner:
-        """The AUX pruner of the adaptation variant: its phase never ends, the mask keeps learning."""
-        return AuxPruner(model, replace(self.aux, phase_steps=None))
+    def phase_steps(self, increments: Sequence[Increment]) -> int:
+        """Steps of AUX's pruning phase on ``increments`` (``prune_fraction`` of their batches)."""
+        return max(1, round(self.prune_fraction * sum(inc.num_batches for inc in increments)))
+
+    def adaptation_pruner(self, model: nn.Module, phase_steps: int) -> AuxPruner:
+        """The AUX pruner of the adaptation variant: its phase never ends, the mask keeps learning, with
+        the latent step of the ``phase_steps``-step phase the fixed-mask models get (same lambda, same
+        sparsity)."""
+        return AuxPruner(model, replace(self.aux, phase_steps=None, eps=self.aux.step_for(phase_steps)))
 
     def run(
         self, snapshot: Snapshot, increments: Sequence[Increment], birth: int, *, adapt: bool = False
@@ -415,11 +421,10 @@ class PruningJob:
         started = time.perf_counter()
         replica = self.factory.build()
         self.factory.copy_(replica, snapshot.replica)
+        phase_steps = self.phase_steps(increments)
         if adapt:
-            pruner = self.adaptation_pruner(replica.model)
+            pruner = self.adaptation_pruner(replica.model, phase_steps)
         else:
-            batches = sum(inc.num_batches for inc in increments)
-            phase_steps = max(1, round(self.prune_fraction * batches))
             pruner = AuxPruner(replica.model, replace(self.aux, phase_steps=phase_steps))
         trainer = IncrementalTrainer(
             replica.model,
@@ -790,10 +795,12 @@ class D2SController:
             if line.current is not None or not births:
                 continue
             replica = self.factory.build()
-            hooks: list[TrainHook] = (
-                [self.pruning.adaptation_pruner(replica.model)] if name == "adaptation" else []
-            )
-            line.install(SparseModel(replica, hooks=hooks, **vars(Birth.from_dict(births[-1]))))
+            birth = Birth.from_dict(births[-1])
+            hooks: list[TrainHook] = []
+            if name == "adaptation":
+                steps = self.pruning.phase_steps(self.increments[birth.birth - self.config.p : birth.birth])
+                hooks = [self.pruning.adaptation_pruner(replica.model, steps)]
+            line.install(SparseModel(replica, hooks=hooks, **vars(birth)))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` after ``prepare_resume`` (and loading the replicas); ``run`` goes on."""
