@@ -4,8 +4,13 @@ Arms (same batches, batch 128 by default, one intra-op thread):
 - ``plain_ebc``: TorchRec ``DLRMTrain`` over an ``EmbeddingBagCollection``, one ``torch.optim.Adagrad``;
 - ``plain_fused``: the same over a ``FusedEmbeddingBagCollection`` (exact Adagrad in the backward), a
   dense Adagrad for the MLPs: the best plain TorchRec path in one process;
+- ``plain_dmp1``: the unwrapped DLRM under TorchRec's ``DistributedModelParallel`` on a one-rank group
+  (default DDP wrapper, fused exact Adagrad tables, dense Adagrad): plain DMP on one rank;
 - ``wrapped_ebc``: the ``plain_ebc`` loop over ``wrap(model)`` (what the mask wrappers cost);
-- ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs).
+- ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs:
+  DMP on the one-rank group of ``one_process_group``, fused exact Adagrad tables, no DDP).
+
+The best plain TorchRec path is whichever of ``plain_fused`` and ``plain_dmp1`` is faster in the run.
 
 Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top operators instead.
 
@@ -20,12 +25,18 @@ import statistics
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from perf_common import interleave, ratio, reference_batches, reference_config, write_results
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from torchrec_prune.distributed.dmp import ShardingConfig, make_sharders, one_process_group, plan_sharding
 from torchrec_prune.masks import wrap
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
@@ -59,6 +70,22 @@ def dense_adagrad(model: nn.Module) -> torch.optim.Optimizer:
         id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
     }
     return torch.optim.Adagrad([p for p in model.parameters() if id(p) not in fused], lr=LR)
+
+
+def plain_dmp(config: DLRMConfig, batch_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The unwrapped DLRM as TorchRec's own DMP shards it on the current group (DDP for the MLPs)."""
+    sharding = ShardingConfig(fused_optimizer="adagrad", lr=LR, batch_size=batch_size)
+    model = build_dlrm(config, device="meta")
+    plan = plan_sharding(model, sharding, world_size=dist.get_world_size())
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=make_sharders(sharding),
+    )
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    return dmp, KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=LR))
 
 
 def loop(
@@ -106,9 +133,11 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
 
     replica = build_replica(PreparedJob(job, _Stream(), {}, None), torch.device("cpu"))  # type: ignore[arg-type]
     trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
+    dmp, dmp_optimizer = plain_dmp(config, batch_size)
     return {
         "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR), batches, steps),
         "plain_fused": loop(fused, dense_adagrad(fused), batches, steps),
+        "plain_dmp1": loop(dmp, dmp_optimizer, batches, steps),
         "wrapped_ebc": loop(wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR), batches, steps),
         "trainer": trainer_loop(trainer, batches, steps),
     }
@@ -122,6 +151,11 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="print the top operators of this arm")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    with one_process_group():  # the trainer and plain_dmp1 run on a one-rank group
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     arms = build_arms(args.batch_size, args.steps)
     if args.profile:
         arms[args.profile]()
@@ -132,7 +166,7 @@ def main() -> None:
     timings = interleave(arms, args.rounds)
     samples = args.batch_size * args.steps
     rates = {name: samples / statistics.median(t.cpu) for name, t in timings.items()}
-    best = "plain_fused"
+    best = min(("plain_fused", "plain_dmp1"), key=lambda n: statistics.median(timings[n].cpu))
     results = {
         "samples_per_cpu_second": rates,
         "samples_per_wall_second": {n: samples / statistics.median(t.wall) for n, t in timings.items()},
@@ -141,12 +175,23 @@ def main() -> None:
         "trainer_over_plain_same_tables": ratio(timings, "trainer", "plain_ebc"),
         "trainer_over_best_plain": ratio(timings, "trainer", best),
         "trainer_over_best_plain_wall": ratio(timings, "trainer", best, kind="wall"),
+        "best_plain": best,
+        "trainer_over_plain_fused": ratio(timings, "trainer", "plain_fused"),
+        "trainer_over_plain_dmp1": ratio(timings, "trainer", "plain_dmp1"),
+        "plain_dmp1_over_plain_fused": ratio(timings, "plain_dmp1", "plain_fused"),
         "rounds": {n: {"cpu": t.cpu, "wall": t.wall} for n, t in timings.items()},
     }
     path = write_results("perf_trainer", {"args": vars(args), **results})
     for name, rate in rates.items():
         print(f"{name:12s} {rate:8.0f} samples/cpu-s")
-    for key in ("wrappers_over_plain", "trainer_over_plain_same_tables", "trainer_over_best_plain"):
+    print(f"best plain TorchRec path: {best}")
+    keys = (
+        "wrappers_over_plain",
+        "trainer_over_best_plain",
+        "trainer_over_plain_fused",
+        "trainer_over_plain_dmp1",
+    )
+    for key in (*keys, "trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused"):
         r = results[key]
         print(f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
     print(f"wrote {path}")

@@ -13,15 +13,17 @@ from conftest import REPO, assert_same_run, final_model
 
 import torchrec_prune as tp
 from torchrec_prune.cli import main
+from torchrec_prune.data.synthetic import SyntheticStream
 from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
+from torchrec_prune.distributed.dmp import one_process_group, shard
 from torchrec_prune.distributed.run_checkpoint import CheckpointWorldSizeError, RunCheckpointer
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.schedules.grow_prune import GrowPruneConfig
 from torchrec_prune.schedules.jobs import run_grow_prune_job
 from torchrec_prune.schedules.phases import PhasePlan
-from torchrec_prune.train.job import JobConfig, prepare_job, run_job
+from torchrec_prune.train.job import JobConfig, prepare_job, run_job, sharding_config
 from torchrec_prune.train.replica import Replica
-from torchrec_prune.train.trainer import TrainConfig
+from torchrec_prune.train.trainer import TrainConfig, default_forward
 
 TINY = DLRMConfig(num_embeddings=500, dense_arch=[32, 16, 4], over_arch=[32, 1])
 GROW_PRUNE = GrowPruneConfig(PhasePlan.every(0.2), beta=0.5, window_steps=5)
@@ -195,6 +197,40 @@ def test_cli_refuses_a_conflicting_resume_and_leaves_the_run_folder_untouched(
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_checkpoint_of_an_older_one_process_run_loads_into_fused_tables(tmp_path):
+    """Before one process trained like a DMP rank, a table's Adagrad accumulator was the dense
+    optimizer's ``sum``: it becomes the fused optimizer's ``momentum1`` (the same quantity)."""
+    torch.manual_seed(0)
+    model = tp.wrap(build_dlrm(TINY))
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    for batch in SyntheticStream(256, num_embeddings=500, seed=0).batches(64):
+        optimizer.zero_grad()
+        default_forward(model, batch)[0].backward()
+        optimizer.step()
+    checkpointer = RunCheckpointer(tmp_path)
+    checkpointer.save(256, {"model": Replica(model, [optimizer])}, {}, {})
+    with one_process_group():
+        sharded = shard(
+            tp.wrap(build_dlrm(TINY, device="meta")), torch.device("cpu"), sharding_config(TrainConfig())
+        )
+        checkpointer.load_replicas(
+            checkpointer.latest(), {"model": Replica(sharded.model, [sharded.optimizer])}
+        )
+        fused = sharded.model.fused_optimizer.state_dict()["state"]
+        dense = dict(sharded.optimizer.params)
+        for name, param in model.named_parameters():
+            value = sharded.model.state_dict()[name]
+            if hasattr(value, "local_shards"):  # a table, trained by the fused optimizer now
+                table = name.rsplit(".", 2)[-2]
+                assert torch.equal(value.local_shards()[0].tensor, param)
+                momentum = fused[name][f"{table}.momentum1"].local_shards()[0].tensor
+                assert torch.equal(momentum, optimizer.state[param]["sum"])
+                assert bool((momentum > 0).any())
+            else:
+                assert torch.equal(value, param)
+                assert torch.equal(sharded.optimizer.state[dense[name]]["sum"], optimizer.state[param]["sum"])
+
+
 def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, tmp_path):
     from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job
 
@@ -202,15 +238,27 @@ def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, 
     config = PruneJobConfig(str(reference), job, PruneConfig("mp", sparsity=0.5, prune_rows=1000), 0)
     prepared = prepare_prune_job(config)  # a run folder: its newest complete run checkpoint
     info = RunCheckpointer(reference / "checkpoints").latest()
-    exact = Replica(tp.wrap(build_dlrm(TINY)), [])
-    exact.optimizers.append(torch.optim.Adagrad(exact.model.parameters(), lr=0.05))
-    RunCheckpointer(reference / "checkpoints").load_replicas(info, {"model": exact})
     mine = dict(prepared.model.named_parameters())
-    for name, param in exact.model.named_parameters():
-        assert torch.equal(mine[name], param)
-        assert torch.equal(
-            prepared.optimizer.state[mine[name]]["sum"], exact.optimizers[0].state[param]["sum"]
+    with one_process_group():  # the run's own model: DMP on one rank, tables under fused Adagrad
+        sharded = shard(
+            tp.wrap(build_dlrm(TINY, device="meta")), torch.device("cpu"), sharding_config(job.train)
         )
+        RunCheckpointer(reference / "checkpoints").load_replicas(
+            info, {"model": Replica(sharded.model, [sharded.optimizer])}
+        )
+        fused = sharded.model.fused_optimizer.state_dict()["state"]
+        for name, value in sharded.model.state_dict().items():
+            if name not in mine:
+                continue
+            sum_ = prepared.optimizer.state[mine[name]]["sum"]
+            if hasattr(value, "local_shards"):  # a table (one shard: the whole table on one rank)
+                table = name.rsplit(".", 2)[-2]
+                value = value.local_shards()[0].tensor
+                saved_sum = fused[name][f"{table}.momentum1"].local_shards()[0].tensor
+            else:
+                saved_sum = sharded.optimizer.state[dict(sharded.optimizer.params)[name]]["sum"]
+            assert torch.equal(mine[name], value)
+            assert torch.equal(sum_, saved_sum)
     assert any(bool((prepared.optimizer.state[p]["sum"] > 0).any()) for p in mine.values())
     with pytest.raises(ValueError, match="--optimizer is 'sgd' but the run checkpoint"):
         sgd = JobConfig(**{**job.__dict__, "train": TrainConfig(optimizer="sgd", progress=False)})

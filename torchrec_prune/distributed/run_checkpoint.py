@@ -245,16 +245,38 @@ class RunCheckpointer:
             for i, optimizer in enumerate(replica.optimizers):
                 _allocate_lazy_state(metadata, f"{name}.optim{i}", replica.model, optimizer)
         state: dict[str, Any] = {}
+        fused_states: dict[str, dict[str, Any]] = {}
         for name, replica in replicas.items():
             state.update(_replica_state(name, replica))
+            if f"{name}.fused" in state:
+                fused_states[name] = state.pop(f"{name}.fused")
+                state.update(_fused_sources(metadata, name, fused_states[name]))
         with _single_process_is_intended():
             reading(info.path, lambda: dcp.load(state, checkpoint_id=info.path))
         for name, replica in replicas.items():
             # DCP fills tensors in place; loading them back lets TorchRec's sharded modules see it.
             replica.model.load_state_dict(state[f"{name}.model"])
-            fused = getattr(replica.model, "fused_optimizer", None)
-            if fused is not None:
-                fused.load_state_dict({**fused.state_dict(), "state": state[f"{name}.fused"]})
+            if name in fused_states:
+                fused = replica.model.fused_optimizer
+                fused.load_state_dict({**fused.state_dict(), "state": fused_states[name]})
+
+
+def _fused_sources(metadata: Metadata, name: str, fused: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Where each tensor of replica ``name``'s fused optimizer state is read from, by checkpoint key.
+
+    A checkpoint of a one-process run from before one process trained like a DMP rank holds no fused
+    state: a table's per-element Adagrad accumulator is the ``sum`` of its dense ``torch.optim.Adagrad``
+    (the same quantity as fused exact Adagrad's ``momentum1``), so such a run resumes exactly.
+    """
+    saved = metadata.state_dict_metadata
+    sources: dict[str, torch.Tensor] = {}
+    for fqn, entries in fused.items():
+        for key, tensor in entries.items():
+            flat = f"{name}.fused.{fqn}.{key}"
+            older = f"{name}.optim0.{fqn}/sum"
+            use_older = flat not in saved and key.endswith(".momentum1") and older in saved
+            sources[older if use_older else flat] = tensor
+    return sources
 
 
 def check_world_size(info: CheckpointInfo, world_size: int) -> None:

@@ -1,7 +1,8 @@
 """The training paradigms as jobs with a run folder: what ``torchrec-prune grow-prune`` and ``d2s`` run.
 
-Both run in one process or on every torchrun rank under DMP, write a run folder, and checkpoint and
-resume through the same ``RunCheckpointer``:
+Both run on every torchrun rank under DMP, or in one process as the single rank of a group of its own
+(``one_process_group``: the same DMP models and fused table optimizer), write a run folder, and
+checkpoint and resume through the same ``RunCheckpointer``:
 
 - grow/prune is ``torchrec_prune.train.job.run_job`` with the schedule as a hook; the schedule's state
   (phases entered, importance sums) is part of every run checkpoint, which falls between batches.
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from torchrec_prune.distributed.checkpoint import save_checkpoint
+from torchrec_prune.distributed.dmp import one_process_group
 from torchrec_prune.distributed.run_checkpoint import CheckpointInfo
 from torchrec_prune.metrics.writer import write_text_atomic
 from torchrec_prune.models import build_dlrm
@@ -30,7 +32,6 @@ from torchrec_prune.schedules.grow_prune import GrowPruneConfig, GrowPruneSchedu
 from torchrec_prune.schedules.report import d2s_rows, format_table, plot_relative_ce
 from torchrec_prune.train.job import (
     PreparedJob,
-    build_replica,
     job_device,
     model_config_for,
     run_job,
@@ -39,9 +40,8 @@ from torchrec_prune.train.job import (
     start_or_resume,
     summarize_line,
 )
-from torchrec_prune.train.replica import DMPReplicaFactory, LocalReplicaFactory, Replica, ReplicaFactory
+from torchrec_prune.train.replica import DMPReplicaFactory, Replica
 from torchrec_prune.train.rng import rng_state, set_rng_state
-from torchrec_prune.train.trainer import make_optimizer
 
 
 def run_grow_prune_job(prepared: PreparedJob, config: GrowPruneConfig) -> str:
@@ -116,20 +116,21 @@ def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
         print(run_d2s_job(prepared, D2SConfig(r=4, p=2)))
     """
     enable_ftz_daz()
+    device = job_device(prepared.config.timeout)  # joins torchrun's group, when there is one
+    with one_process_group():
+        return _run_d2s(prepared, config, device)
+
+
+def _run_d2s(prepared: PreparedJob, config: D2SConfig, device: torch.device) -> str:
     job, stream = prepared.config, prepared.stream
-    device = job_device(job.timeout)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    factory: ReplicaFactory
-    if dist.is_initialized():  # every replica sharded with the dense model's plan
-        model_config = model_config_for(stream, job.model)
-        factory = DMPReplicaFactory(
-            lambda: build_dlrm(model_config, device="meta"), device, sharding_config(job.train)
-        )
-        torch.manual_seed(job.seed)
-        dense = factory.build()
-    else:
-        dense = build_replica(prepared, device)
-        factory = LocalReplicaFactory(dense.model, lambda m: [make_optimizer(m.parameters(), job.train)])
+    rank = dist.get_rank()
+    # every replica sharded with the dense model's plan, in one process as on every torchrun rank
+    model_config = model_config_for(stream, job.model)
+    factory = DMPReplicaFactory(
+        lambda: build_dlrm(model_config, device="meta"), device, sharding_config(job.train)
+    )
+    torch.manual_seed(job.seed)
+    dense = factory.build()
     controller = D2SController(dense, stream, job.train, config, factory=factory, device=device)
     increment_rows, every = job.train.increment_rows, job.checkpoint_every
 

@@ -35,7 +35,13 @@ import torch.distributed as dist
 from torchrec_prune.data import open_stream
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.distributed.checkpoint import check_files, save_checkpoint
-from torchrec_prune.distributed.dmp import ShardingConfig, init_distributed, shard, start_heartbeat
+from torchrec_prune.distributed.dmp import (
+    ShardingConfig,
+    init_distributed,
+    one_process_group,
+    shard,
+    start_heartbeat,
+)
 from torchrec_prune.distributed.run_checkpoint import (
     CheckpointInfo,
     RunCheckpointer,
@@ -54,7 +60,6 @@ from torchrec_prune.train.trainer import (
     NonFiniteError,
     RunResult,
     TrainConfig,
-    make_optimizer,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,7 +156,8 @@ def model_config_for(stream: Stream, model: DLRMConfig) -> DLRMConfig:
 
 
 def sharding_config(train: TrainConfig) -> ShardingConfig:
-    """Fused table optimizer matching the dense one (per-element Adagrad, as in one process)."""
+    """Fused table optimizer matching the dense one: per-element exact Adagrad (the update and state of
+    ``torch.optim.Adagrad``; fbgemm's eps is 1e-8 where torch's is 1e-10) or exact SGD."""
     return ShardingConfig(
         fused_optimizer=train.optimizer,
         dense_optimizer=train.optimizer,
@@ -394,17 +400,27 @@ def job_device(timeout: float | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_replica(prepared: PreparedJob, device: torch.device) -> Replica:
-    """The job's wrapped DLRM and its optimizers: DMP-sharded (fused table optimizer) under a process
-    group, a plain model with one optimizer otherwise. Seeded by the job, so every start is the same."""
+def build_replica(prepared: PreparedJob, device: torch.device | str) -> Replica:
+    """The job's wrapped DLRM sharded by DMP over the process group (torchrun's, or the one-rank group of
+    ``one_process_group``) and its dense optimizer; the tables train with the fused optimizer of
+    ``sharding_config``. Seeded by the job, so every start is the same.
+
+    Raises:
+        RuntimeError: no process group is initialised.
+
+    Example::
+
+        with one_process_group():
+            replica = build_replica(prepare_job(JobConfig(rows=10_000)), torch.device("cpu"))
+    """
     config = prepared.config
     model_config = model_config_for(prepared.stream, config.model)
     torch.manual_seed(config.seed)
-    if dist.is_initialized():
-        sharded = shard(wrap(build_dlrm(model_config, device="meta")), device, sharding_config(config.train))
-        return Replica(sharded.model, [sharded.optimizer])
-    model = wrap(build_dlrm(model_config, device=device))
-    return Replica(model, [make_optimizer(model.parameters(), config.train)])
+    if not dist.is_initialized():
+        raise RuntimeError("build_replica needs a process group: build it inside one_process_group()")
+    meta = wrap(build_dlrm(model_config, device="meta"))
+    sharded = shard(meta, torch.device(device), sharding_config(config.train))
+    return Replica(sharded.model, [sharded.optimizer])
 
 
 def run_job(
@@ -417,7 +433,9 @@ def run_job(
     """Train once over the stream and write the run folder (rank 0 writes files).
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank joins the process group, builds the model on ``meta``,
-    wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. ``hooks`` may be a
+    wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. In one process the
+    job runs as a single rank of a group of its own (``one_process_group``): the same DMP model, fused
+    table optimizer, masks and run checkpoints as under torchrun. ``hooks`` may be a
     function of the built (possibly sharded) model and its optimizers (a ``Replica``), for pruners and
     schedules that need them. ``extra``: more settings of the command (e.g. a schedule's), stored with the
     job's and checked the same way on resume. With a ``PreparedJob`` the checks already ran.
@@ -429,9 +447,16 @@ def run_job(
         if isinstance(config, PreparedJob)
         else prepare_job(config, stream, extra=extra, world_size=world_size)
     )
+    device = job_device(prepared.config.timeout)  # joins torchrun's group, when there is one
+    with one_process_group():
+        return _train(prepared, hooks, device)
+
+
+def _train(
+    prepared: PreparedJob, hooks: Sequence[TrainHook] | HookFactory, device: torch.device
+) -> RunResult:
     config, stream = prepared.config, prepared.stream
-    device = job_device(config.timeout)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank()
     run_dir = Path(config.run_dir)
     replica = build_replica(prepared, device)
     checkpointer = prepared.checkpointer

@@ -48,11 +48,12 @@ class TrainConfig:
 
     Args:
         batch_size: rows per batch on each rank.
-        lr: learning rate of the dense optimizer (and of the fused table optimizer under DMP).
+        lr: learning rate of the dense optimizer and of the fused table optimizer.
         optimizer: ``adagrad`` (default) or ``sgd``. A fresh DLRM's embeddings start at +-1/sqrt(N) and
             reach the top MLP only through dot products; plain SGD barely moves them in a single pass of
             a few 100k rows (NE stays ~1.0 on the synthetic stream and the Criteo head), Adagrad does.
-        momentum: SGD momentum.
+        momentum: SGD momentum of the dense layers (the jobs' tables train with the fused kernel's exact
+            SGD, which has none).
         window: look-ahead window size in global samples.
         increment_rows: rows per increment (a chunk of the stream; hooks fire at each boundary).
         progress: show progress (rank 0 only): a tqdm bar on a terminal, else a logged line every
