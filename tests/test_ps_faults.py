@@ -124,6 +124,8 @@ def test_a_trainer_seeing_a_restored_shard_reports_the_updates_lost_and_pulls_ev
         (0, 1, 6, 4, 2)
     ]
     assert restored.version == 6 and restored.committed == {0: 7}  # batches 6, 7 applied once each
+    trainer._seen(0, 9, incarnation=0)  # a late reply of the dead incarnation (a push it had answered)
+    assert trainer.restarts == [] and trainer.known[0] == 6 and trainer.incarnation[0] == 1
 
 
 class DyingLocalBackend(LocalBackend):

@@ -364,8 +364,11 @@ class PSTrainer:
 
     def _seen(self, shard: int, version: int, incarnation: int) -> None:
         """Track the shard's version; a new incarnation (restored from its checkpoint, versions back)
-        is reported, and every copy is pulled again after this step."""
-        if incarnation != self.incarnation[shard]:
+        is reported, and every copy is pulled again after this step. A reply of an earlier incarnation
+        (a push the dead one answered, taken after a pull from the new one) says nothing current."""
+        if incarnation < self.incarnation[shard]:
+            return
+        if incarnation > self.incarnation[shard]:
             self.restarts.append(ShardRestart(shard, incarnation, int(self.known[shard]), version))
             self.incarnation[shard] = incarnation
             self.known[shard] = version
