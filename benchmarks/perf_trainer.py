@@ -6,6 +6,8 @@ Arms (same batches, batch 128 by default, one intra-op thread):
   dense Adagrad for the MLPs: the best plain TorchRec path in one process;
 - ``plain_dmp1``: the unwrapped DLRM under TorchRec's ``DistributedModelParallel`` on a one-rank group
   (default DDP wrapper, fused exact Adagrad tables, dense Adagrad): plain DMP on one rank;
+- ``shard_plain``: the unwrapped DLRM through the project's ``shard()`` on the one-rank group (as
+  ``plain_dmp1`` but without DDP): what TorchRec's sharded collection costs over ``plain_fused``;
 - ``wrapped_ebc``: the ``plain_ebc`` loop over ``wrap(model)`` (what the mask wrappers cost);
 - ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs:
   DMP on the one-rank group of ``one_process_group``, fused exact Adagrad tables, no DDP).
@@ -36,7 +38,13 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_prune.distributed.dmp import ShardingConfig, make_sharders, one_process_group, plan_sharding
+from torchrec_prune.distributed.dmp import (
+    ShardingConfig,
+    make_sharders,
+    one_process_group,
+    plan_sharding,
+    shard,
+)
 from torchrec_prune.masks import wrap
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
@@ -134,10 +142,13 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     replica = build_replica(PreparedJob(job, _Stream(), {}, None), torch.device("cpu"))  # type: ignore[arg-type]
     trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
     dmp, dmp_optimizer = plain_dmp(config, batch_size)
+    sharding = ShardingConfig(fused_optimizer="adagrad", lr=LR, batch_size=batch_size)
+    sharded = shard(build_dlrm(config, device="meta"), torch.device("cpu"), sharding)
     return {
         "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR), batches, steps),
         "plain_fused": loop(fused, dense_adagrad(fused), batches, steps),
         "plain_dmp1": loop(dmp, dmp_optimizer, batches, steps),
+        "shard_plain": loop(sharded.model, sharded.optimizer, batches, steps),
         "wrapped_ebc": loop(wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR), batches, steps),
         "trainer": trainer_loop(trainer, batches, steps),
     }
@@ -179,6 +190,8 @@ def measure(args: argparse.Namespace) -> None:
         "trainer_over_plain_fused": ratio(timings, "trainer", "plain_fused"),
         "trainer_over_plain_dmp1": ratio(timings, "trainer", "plain_dmp1"),
         "plain_dmp1_over_plain_fused": ratio(timings, "plain_dmp1", "plain_fused"),
+        "shard_plain_over_plain_fused": ratio(timings, "shard_plain", "plain_fused"),
+        "trainer_over_shard_plain": ratio(timings, "trainer", "shard_plain"),
         "rounds": {n: {"cpu": t.cpu, "wall": t.wall} for n, t in timings.items()},
     }
     path = write_results("perf_trainer", {"args": vars(args), **results})
@@ -191,7 +204,8 @@ def measure(args: argparse.Namespace) -> None:
         "trainer_over_plain_fused",
         "trainer_over_plain_dmp1",
     )
-    for key in (*keys, "trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused"):
+    more = ("trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused", "shard_plain_over_plain_fused")
+    for key in (*keys, *more, "trainer_over_shard_plain"):
         r = results[key]
         print(f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
     print(f"wrote {path}")
