@@ -1,6 +1,7 @@
 """One asynchronous trainer: its own partition of the stream, the library's model and forward, a bounded
 row cache, pulls when its copy is too stale and a push after every batch (SPEC 8). With a staleness
-above 1 the push is not waited for: the next batch's work overlaps the shards applying it.
+above 1 the push is not waited for until the next batch's rows are known: reading and mapping them
+overlaps the shards applying it, and what is stale is still decided on the versions the push returned.
 
 ``PSTrainer`` is a plain class over any ``ShardClients`` (in-process shards in tests, Ray actor handles
 in a run), so the training step is tested without Ray. Each batch is scored (look-ahead) by the forward
@@ -190,6 +191,7 @@ class PSTrainer:
         if n == 0:  # every row of the range was malformed
             return BatchScore(start, end, np.zeros(0, np.float32), np.zeros(0, np.float32), finished_at=now)
         rows = self._rows(batch.sparse_features)
+        self._collect()  # the last push's versions, before deciding what is stale (copies dropped later)
         copy_version = self._refresh(rows)
         started, cpu = time.perf_counter(), time.thread_time()
         local = Batch(
@@ -336,7 +338,6 @@ class PSTrainer:
                 if pick.any():
                     requests[s].rows[table] = (ids[pick], grad_rows[pick])
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
-        self._collect()
         started = time.perf_counter()
         if self.ps.staleness > 1:  # the next step may compute before this push is applied
             self._in_flight = self.clients.push_async(requests)
