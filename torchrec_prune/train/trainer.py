@@ -232,7 +232,8 @@ class IncrementalTrainer:
         self.ctx.batch = batch
         for hook in self.hooks:
             hook.before_batch(self.ctx)
-        self.model.train()
+        if not self.model.training:  # train() walks every module: ~5% of a fused-table step
+            self.model.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_fn(self.model, batch)
