@@ -6,14 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_torchrun
+from torch.nn.parallel import DistributedDataParallel
 
 import torchrec_prune as tp
 from torchrec_prune.data import SyntheticStream, iter_increments
+from torchrec_prune.distributed.dmp import one_process_group
 from torchrec_prune.metrics.functional import bce_sum
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train.hooks import BaseHook, StepContext
-from torchrec_prune.train.job import JobConfig, run_job
-from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
+from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica, make_stream, run_job
+from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, default_forward
 
 TINY = DLRMConfig(num_embeddings=500, dense_arch=[32, 16, 4], over_arch=[32, 1])
 
@@ -152,3 +154,38 @@ def test_two_torchrun_ranks_match_one_process_and_agree_on_masks(tmp_path: Path)
     assert ce_dist[0] == pytest.approx(ce_single[0], rel=0.10)
     for a, b in zip(ce_dist[1:], ce_single[1:], strict=True):
         assert a == pytest.approx(b, rel=0.05)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A state-dict entry of a one-rank DMP model as a plain tensor (a table is one whole shard)."""
+    return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+
+
+def test_one_process_jobs_train_tables_like_elementwise_adagrad():
+    """The job's one-rank DMP replica (fused exact Adagrad tables, no DDP) follows ``torch.optim.Adagrad``
+    over every parameter, the update of one-process jobs before they ran as DMP, up to summation order
+    (eps matched: fbgemm's is 1e-8)."""
+    torch.manual_seed(0)
+    plain = tp.wrap(build_dlrm(TINY))
+    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    optimizer = torch.optim.Adagrad(plain.parameters(), lr=0.05, eps=1e-8)
+    job = JobConfig(rows=640, model=TINY, train=TrainConfig(batch_size=64, progress=False), checkpoint=False)
+    with one_process_group():
+        replica = build_replica(PreparedJob(job, make_stream(job), {}, None), "cpu")
+        assert not isinstance(replica.model._dmp_wrapped_module, DistributedDataParallel)
+        with torch.no_grad():
+            for name, value in replica.model.state_dict().items():
+                _local(value).copy_(initial[name])
+        (dense,) = replica.optimizers
+        for group in dense.param_groups:
+            group["eps"] = 1e-8
+        for batch in make_stream(job).batches(64):
+            for model, opt in ((plain, optimizer), (replica.model, dense)):
+                opt.zero_grad()
+                default_forward(model, batch)[0].backward()
+                opt.step()
+        trained = {name: _local(value) for name, value in replica.model.state_dict().items()}
+    table = "model.sparse_arch.embedding_bag_collection.ebc.embedding_bags.t_cat_0.weight"
+    assert not torch.equal(trained[table], initial[table])
+    for name, expected in plain.state_dict().items():
+        torch.testing.assert_close(trained[name], expected, rtol=1e-3, atol=1e-4)
