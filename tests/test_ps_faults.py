@@ -210,3 +210,30 @@ def test_a_driver_resumed_from_its_run_checkpoint_finishes_exactly_as_an_uninter
 
     with pytest.raises(ValueError, match="trainers=2, this run has 1"):
         run_async(job, replace(ps, trainers=1), plan, backend="local", run_dir=tmp_path / "cut")
+
+
+class StallingLocalBackend(LocalBackend):
+    """Trainer 1 stalls: its calls are served only when no other trainer's call is queued."""
+
+    def next_report(self) -> ChunkReport:
+        others = [i for i, (rank, _) in enumerate(self._queue) if rank != 1]
+        if others:
+            self._queue.rotate(-others[0])
+        return super().next_report()
+
+
+@pytest.mark.parametrize("lead", [0, 2])
+def test_a_stalled_trainer_holds_the_others_back_within_the_lead_bound(monkeypatch, lead):
+    from torchrec_prune.distributed.ps import driver as driver_module
+
+    job = small_job()
+    ps = PSConfig(trainers=2, staleness=2, cache_rows=256, chunk_steps=2, max_lead_chunks=lead)
+    monkeypatch.setattr(driver_module, "LocalBackend", StallingLocalBackend)
+    result = run_async(job, ps, backend="local")
+    half = 4000 // 32 // 2  # batches per trainer
+    if lead == 0:
+        assert result.max_pending >= half - 1  # trainer 0 ran through its whole partition first
+    else:
+        bound = lead * ps.chunk_steps * ps.trainers  # in single-trainer batches of 32 rows
+        assert result.max_pending <= bound // 2 + 2 * ps.chunk_steps  # its half, plus one queued chunk
+    assert result.samples == 4000 and result.records[-1].samples_end == 4000

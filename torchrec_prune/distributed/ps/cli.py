@@ -35,6 +35,9 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--staleness", type=int, default=2, help="server versions a weight copy may serve")
     p.add_argument("--cache-rows", type=int, default=4096, help="embedding rows per table a trainer holds")
     p.add_argument("--chunk-steps", type=int, default=8, help="batches per driver call to a trainer")
+    p.add_argument(
+        "--max-lead-chunks", type=int, default=4, help="global chunks a trainer may run ahead (0: no bound)"
+    )
     p.add_argument("--beta", type=float, default=0.7, help="pruned neuron fraction in sparse phases")
     p.add_argument("--window-steps", type=int, default=50, help="batches of importance before pruning")
     p.add_argument("--d2s-r", type=int, default=4, help="d2s: a new sparse model every r increments")
@@ -91,6 +94,7 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
         cache_rows=args.cache_rows,
         chunk_steps=args.chunk_steps,
         shard_checkpoint_pushes=args.shard_checkpoint_pushes,
+        max_lead_chunks=args.max_lead_chunks,
     )
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be an integer >= 0, got {args.max_restarts}")

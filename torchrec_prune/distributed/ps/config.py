@@ -32,6 +32,11 @@ class PSConfig:
         regrow_value: value re-opened weights start from on the server. 0 (the library's rule) keeps the
             function unchanged at growth; a nonzero constant exists to show the jump it causes.
         trace_pushes: pushes after each growth over which each shard records the norm of regrown weights.
+        max_lead_chunks: a trainer gets no batch more than this many global chunks
+            (``chunk_steps * trainers * batch_size`` rows) past the oldest batch not yet consumed
+            (``--max-lead-chunks``, 0: no bound). Trainers running at the same pace never reach it; a
+            stalled or restarting one holds the others back instead of letting them train far ahead
+            in a drifting stream, which the stalled partition would then catch up on out of order.
         shard_checkpoint_pushes: a shard with a checkpoint folder saves itself every this many applied
             pushes (``--shard-checkpoint-pushes``, 0: only at start and at mask changes); a shard
             restored after a fault loses the pushes it applied since.
@@ -48,6 +53,7 @@ class PSConfig:
     chunk_steps: int = 8
     regrow_value: float = 0.0
     trace_pushes: int = 200
+    max_lead_chunks: int = 4
     shard_checkpoint_pushes: int = 500
 
     def __post_init__(self) -> None:
@@ -57,6 +63,7 @@ class PSConfig:
         check_int("--cache-rows", self.cache_rows, 1)
         check_int("--chunk-steps", self.chunk_steps, 1)
         check_int("trace_pushes", self.trace_pushes, 0)
+        check_int("--max-lead-chunks", self.max_lead_chunks, 0)
         check_int("--shard-checkpoint-pushes", self.shard_checkpoint_pushes, 0)
         if isinstance(self.regrow_value, bool) or not (
             isinstance(self.regrow_value, (int, float)) and math.isfinite(self.regrow_value)

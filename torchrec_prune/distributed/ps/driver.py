@@ -224,13 +224,7 @@ class AsyncDriver:
         """Start trainer ``rank`` again after the last batch any shard took from it; the batches between
         the last one it reported and that one were trained but never scored: consumed without a score."""
         resume = max(backend.committed(rank) + 1, self.consumed[rank])
-        if rank not in self._partitions:
-            train = self.job.train
-            stream = make_stream(self.job)
-            self._partitions[rank] = partition_ranges(
-                stream, train.increment_rows, train.batch_size, rank, self.ps.trainers
-            )
-        unscored = self._partitions[rank][self.consumed[rank] : resume]
+        unscored = self.partition(rank)[self.consumed[rank] : resume]
         for start, end in unscored:
             self._accept(self.collector.skip(start, end), backend.broadcast)
             self.samples += end - start
@@ -250,6 +244,22 @@ class AsyncDriver:
         )
         self.consumed[rank] = resume
         backend.restart_trainer(rank, resume)
+
+    def partition(self, rank: int) -> list[tuple[int, int]]:
+        """Trainer ``rank``'s batch ranges, in its order."""
+        if rank not in self._partitions:
+            train = self.job.train
+            self._partitions[rank] = partition_ranges(
+                make_stream(self.job), train.increment_rows, train.batch_size, rank, self.ps.trainers
+            )
+        return self._partitions[rank]
+
+    def lead(self, rank: int, queued: int) -> int:
+        """Rows between the consumed position and the first batch trainer ``rank`` would get with
+        ``queued`` calls already queued (0 when its partition has no batch left)."""
+        index = self.consumed[rank] + queued * self.ps.chunk_steps
+        part = self.partition(rank)
+        return 0 if index >= len(part) else part[index][0] - self.collector.position
 
     def _trace(self, score: BatchScore) -> None:
         n = len(score.labels)
@@ -304,15 +314,22 @@ def drive(
 
     Each time the consumed position passes a multiple of ``checkpoint_every`` rows, no new call is
     handed out until every queued one has reported; then ``save(position)`` runs and work resumes. A
-    trainer that dies is restarted (at most ``max_restarts`` times per trainer).
+    trainer that dies is restarted (at most ``max_restarts`` times per trainer). A trainer is not handed
+    batches more than ``ps.max_lead_chunks`` global chunks past the consumed position (the oldest batch
+    still missing), so a stalled or restarting trainer does not let the others run ahead in the stream.
     """
     started = time.perf_counter()
     done = [False] * ps.trainers
     restarts = [0] * ps.trainers
     due = _next_mark(driver.collector.position, checkpoint_every)
+    bound = ps.max_lead_chunks * ps.chunk_steps * ps.trainers * driver.job.train.batch_size
 
     def fill(rank: int) -> None:
-        while backend.outstanding_for(rank) < IN_FLIGHT and not done[rank]:
+        while (
+            backend.outstanding_for(rank) < IN_FLIGHT
+            and not done[rank]
+            and (not bound or driver.lead(rank, backend.outstanding_for(rank)) <= bound)
+        ):
             backend.submit(rank, ps.chunk_steps)
 
     for rank in range(ps.trainers):
@@ -334,6 +351,8 @@ def drive(
             rank = report.rank
         if due is None or driver.collector.position < due:
             fill(rank)
+            for other in range(ps.trainers):  # the position moved: a trainer held back may go on
+                fill(other)
         elif backend.outstanding() == 0:  # a quiet point: every pushed batch has been consumed
             if save is not None and not driver.collector.complete:
                 backend.invalidate_copies()
