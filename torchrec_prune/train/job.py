@@ -310,8 +310,8 @@ class PreparedJob:
         return RunCheckpointer(Path(self.config.run_dir) / "checkpoints", keep=self.config.keep_checkpoints)
 
 
-# Bytes per table parameter a job holds: the weight and its Adagrad accumulator, a gradient (dense in one
-# process), and the copies a run checkpoint or a D2S snapshot makes; more than that cannot fit.
+# Bytes per table parameter a job holds: the weight and its Adagrad accumulator (fused: no table-sized
+# gradient), and the copies a run checkpoint or a D2S snapshot makes; more than that cannot fit.
 TABLE_BYTES_PER_PARAMETER = 4 * 4
 
 
@@ -330,7 +330,7 @@ def check_memory(model: DLRMConfig) -> None:
         raise ValueError(
             f"--num-embeddings {model.num_embeddings} x --embedding-dim {model.embedding_dim} over "
             f"{model.num_sparse} tables needs about {needed / 2**30:.1f} GiB (weights, optimizer state, "
-            f"gradients, checkpoint copies); this machine has {available / 2**30:.1f} GiB available"
+            f"checkpoint and snapshot copies); this machine has {available / 2**30:.1f} GiB available"
         )
 
 
