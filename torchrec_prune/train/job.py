@@ -435,10 +435,10 @@ def run_job(
     Under torchrun (``WORLD_SIZE`` > 1) each rank joins the process group, builds the model on ``meta``,
     wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. In one process the
     job runs as a single rank of a group of its own (``one_process_group``): the same DMP model, fused
-    table optimizer, masks and run checkpoints as under torchrun. ``hooks`` may be a
-    function of the built (possibly sharded) model and its optimizers (a ``Replica``), for pruners and
-    schedules that need them. ``extra``: more settings of the command (e.g. a schedule's), stored with the
-    job's and checked the same way on resume. With a ``PreparedJob`` the checks already ran.
+    table optimizer, masks and run checkpoints as under torchrun. ``hooks`` may be a function of the
+    built (sharded) model and its optimizers (a ``Replica``), for pruners and schedules that need them.
+    ``extra``: more settings of the command (e.g. a schedule's), stored with the job's and checked the
+    same way on resume. With a ``PreparedJob`` the checks already ran.
     """
     enable_ftz_daz()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
