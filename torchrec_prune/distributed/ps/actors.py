@@ -56,28 +56,6 @@ def ftz_probe() -> dict[str, int]:
     }
 
 
-def _new_shard(
-    shard: int,
-    layout: ParamLayout,
-    init: dict[str, np.ndarray],
-    masks: dict[str, np.ndarray],
-    train: TrainConfig,
-    ps: PSConfig,
-    store: ShardStore | None,
-) -> ShardState:
-    return ShardState(
-        shard,
-        layout,
-        init,
-        masks,
-        train,
-        regrow_value=ps.regrow_value,
-        trace_pushes=ps.trace_pushes,
-        store=store,
-        checkpoint_pushes=ps.shard_checkpoint_pushes,
-    )
-
-
 class RayShards:
     """``ShardClients`` over Ray actor handles: one request per shard, sent together, then awaited."""
 
@@ -134,7 +112,7 @@ class ServerActor:
         """Become shard ``shard`` of a run (any earlier state is dropped), from ``init`` or, when
         resuming a run, from ``state``; with ``store_dir`` it checkpoints itself there."""
         store = ShardStore(store_dir) if store_dir else None
-        self.state = _new_shard(shard, layout, init, masks, train, ps, store)
+        self.state = ShardState.for_run(shard, layout, init, masks, train, ps, store)
         if state is not None:
             self.state.load_state_dict(state)
         if self.home is not None:
@@ -153,7 +131,7 @@ class ServerActor:
         saved = store.latest()
         if saved is None:
             return
-        self.state = _new_shard(
+        self.state = ShardState.for_run(
             assignment["shard"],
             assignment["layout"],
             saved["weights"],

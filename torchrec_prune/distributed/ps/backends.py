@@ -121,16 +121,14 @@ class LocalBackend:
         self.shards = []
         for s in range(ps.servers):
             store = setup.store(s)
-            shard = ShardState(
+            shard = ShardState.for_run(
                 s,
                 setup.layout,
                 setup.init[s],
                 setup.masks,
                 setup.job.train,
-                regrow_value=ps.regrow_value,
-                trace_pushes=ps.trace_pushes,
-                store=None if store is None else ShardStore(store),
-                checkpoint_pushes=ps.shard_checkpoint_pushes,
+                ps,
+                None if store is None else ShardStore(store),
             )
             if setup.shard_states is not None:
                 shard.load_state_dict(setup.shard_states[s])

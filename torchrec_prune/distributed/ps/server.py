@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout, has_mask, keep_mask
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
 from torchrec_prune.distributed.ps.store import ShardStore
@@ -148,6 +149,30 @@ class ShardState:
             "pull_cpu_seconds": 0.0,
             "staleness": Counter(),
         }
+
+    @classmethod
+    def for_run(
+        cls,
+        shard: int,
+        layout: ParamLayout,
+        init: dict[str, np.ndarray],
+        masks: dict[str, np.ndarray],
+        train: TrainConfig,
+        ps: PSConfig,
+        store: ShardStore | None = None,
+    ) -> ShardState:
+        """Shard ``shard`` of a run with the settings ``ps`` names (regrowth value, traces, checkpoints)."""
+        return cls(
+            shard,
+            layout,
+            init,
+            masks,
+            train,
+            regrow_value=ps.regrow_value,
+            trace_pushes=ps.trace_pushes,
+            store=store,
+            checkpoint_pushes=ps.shard_checkpoint_pushes,
+        )
 
     # ----------------------------------------------------------------------------------------------
     def _keeps(self) -> dict[str, torch.Tensor]:
