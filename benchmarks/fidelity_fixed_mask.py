@@ -199,7 +199,7 @@ def summarize(tasks: list[dict], args: argparse.Namespace) -> list[dict]:
                 "ratio": methods["AUX"][metric]["mean"] / methods[best][metric]["mean"]
                 if methods[best][metric]["mean"] > 0 else None,
                 "claim": claim,
-                "claim_verdict": {"below 0": "met", "above 0": "not met"}.get(verdict(claim), "inconclusive"),
+                "claim_verdict": _claim_verdict(claim, methods[best][metric]["mean"]),
                 "aux_layers": {k: statistics.fmean(a["layers"][k] for t in mine for a in t["arms"]
                                                    if a["method"] == "AUX" and a["target"] == target)
                                for k in mine[0]["arms"][0]["layers"]},
@@ -207,9 +207,22 @@ def summarize(tasks: list[dict], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _claim_verdict(claim: dict, best_mean: float) -> str:
+    """met / not met / inconclusive from the CI of d; undefined when the best baseline is no worse than
+    dense (a ratio of increases means nothing when pruning lowers CE, e.g. a dense model that overfits)."""
+    if best_mean <= 0:
+        return "undefined (best baseline below dense)"
+    return {"below 0": "met", "above 0": "not met"}.get(verdict(claim), "inconclusive")
+
+
 def _diff(a: list[dict], b: list[dict], metric: str) -> dict:
     """t-interval over seeds of the paired difference ``a - b`` of ``metric``."""
     return t_interval([x[metric] - y[metric] for x, y in zip(a, b, strict=True)])
+
+
+def _lower(ci: dict) -> str:
+    """Seeds where the difference is below 0, of all seeds."""
+    return f"{sum(v < 0 for v in ci['values'])}/{ci['n']}"
 
 
 def _ratio(ratio: float | None) -> str:
@@ -281,10 +294,10 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         rows = []
         for e in (e for e in summary if e["dataset"] == dataset):
             for m, ci in e["vs"].items():
-                rows.append([f"{e['target']:g}", f"AUX - {m}", fmt_ci(ci), verdict(ci)])
+                rows.append([f"{e['target']:g}", f"AUX - {m}", fmt_ci(ci), verdict(ci), _lower(ci)])
             for m, ci in e["mop_vs_mp"].items():
-                rows.append([f"{e['target']:g}", f"{m} - MP", fmt_ci(ci), verdict(ci)])
-        parts += [markdown_table(["target", "difference", "% points", "CI vs 0"], rows), ""]
+                rows.append([f"{e['target']:g}", f"{m} - MP", fmt_ci(ci), verdict(ci), _lower(ci)])
+        parts += [markdown_table(["target", "difference", "% points", "CI vs 0", "seeds < 0"], rows), ""]
         claims = [
             [f"{e['target']:g}", e["best"], _ratio(e["ratio"]), fmt_ci(e["claim"]), e["claim_verdict"]]
             for e in summary if e["dataset"] == dataset
