@@ -342,7 +342,11 @@ def write_plots(tasks: list[dict], args: argparse.Namespace) -> None:
             ax.axhline(0, color="black", linewidth=0.5)
             ax.set_title(f"{dataset}, sparsity {target:g} (mean of {len(mine)} seeds)")
             ax.set_xlabel("thousand samples after the checkpoint")
-            ax.set_ylabel("look-ahead CE relative to dense (%)")
+            ax.set_ylabel(
+                "look-ahead CE relative to dense (%)"
+                if dataset == "synthetic"
+                else "CE on replayed training rows, rel. to dense (%)"
+            )
             ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
