@@ -74,6 +74,15 @@ def add_run_args(p: argparse.ArgumentParser, *, run_dir: str) -> None:
         "--max-restarts", type=int, default=0, help="with --nproc: torchrun restarts of the rank group"
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not save the final model checkpoint")
+    add_resume_args(p)
+    add_overwrite_arg(p)
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds ranks wait for each other before the job ends"
+    )
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """Flags of run checkpoints and resumption (every command that writes a run folder it can resume)."""
     p.add_argument(
         "--checkpoint-every", type=int, default=100_000, help="rows between full-state checkpoints (0 = off)"
     )
@@ -83,10 +92,6 @@ def add_run_args(p: argparse.ArgumentParser, *, run_dir: str) -> None:
         choices=("auto", "never"),
         default="auto",
         help="auto: continue from the newest complete run checkpoint of --run-dir; never: start over",
-    )
-    add_overwrite_arg(p)
-    p.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds ranks wait for each other before the job ends"
     )
 
 

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from torchrec_prune.cli import Runner, add_stream_args, job_config
+from torchrec_prune.cli import Runner, add_resume_args, add_stream_args, job_config
 from torchrec_prune.distributed.ps.config import SCHEDULES, PSConfig
 from torchrec_prune.distributed.ps.runtime import check_address
 
@@ -49,16 +49,7 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--server-cpus", type=float, default=0.0, help="CPUs each server-shard actor reserves")
     p.add_argument("--run-dir", default="runs/ray-train", help="also holds an embedded Ray's auth token")
     p.add_argument("--no-checkpoint", action="store_true", help="do not save the final model checkpoint")
-    p.add_argument(
-        "--checkpoint-every", type=int, default=100_000, help="rows between whole-run checkpoints (0 = off)"
-    )
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete run checkpoints kept")
-    p.add_argument(
-        "--resume",
-        choices=("auto", "never"),
-        default="auto",
-        help="auto: continue from the newest complete run checkpoint of --run-dir; never: start over",
-    )
+    add_resume_args(p)
     p.add_argument(
         "--max-restarts", type=int, default=3, help="times Ray restarts each trainer or shard that dies"
     )
