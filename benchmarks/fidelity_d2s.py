@@ -13,7 +13,7 @@ is measured on the synthetic drifting stream only.
 
 Writes docs/results/fidelity_d2s.{md,json} and fidelity_d2s.png.
 
-    .venv/bin/python benchmarks/fidelity_d2s.py            # ~12 min on 2 lightly loaded cores
+    .venv/bin/python benchmarks/fidelity_d2s.py --workers 1    # ~14 min on a shared core
 """
 
 from __future__ import annotations

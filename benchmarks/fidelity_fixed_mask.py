@@ -13,7 +13,7 @@ met when the t-interval of d lies below 0, missed when above, inconclusive other
 
 Writes docs/results/fidelity_fixed_mask.{md,json} and fidelity_fixed_mask_<dataset>.png.
 
-    .venv/bin/python benchmarks/fidelity_fixed_mask.py          # ~25 min on 2 shared cores
+    .venv/bin/python benchmarks/fidelity_fixed_mask.py          # ~15 min on 2 shared cores
     .venv/bin/python benchmarks/fidelity_fixed_mask.py --replot
 """
 

@@ -16,7 +16,7 @@ most accurate of the four (paired differences against each other scheme).
 
 Writes docs/results/fidelity_grow_prune.{md,json} and fidelity_grow_prune.png.
 
-    .venv/bin/python benchmarks/fidelity_grow_prune.py        # ~15 min on 2 lightly loaded cores
+    .venv/bin/python benchmarks/fidelity_grow_prune.py --workers 1    # ~15 min on a shared core
 """
 
 from __future__ import annotations
