@@ -15,6 +15,8 @@ Writes docs/results/fidelity_fixed_mask.{md,json} and fidelity_fixed_mask_<datas
 
     .venv/bin/python benchmarks/fidelity_fixed_mask.py          # ~15 min on 2 shared cores
     .venv/bin/python benchmarks/fidelity_fixed_mask.py --replot
+    .venv/bin/python benchmarks/fidelity_fixed_mask.py --datasets synthetic --drift-per-100k 0 \
+        --stem fidelity_fixed_mask_stationary                        # the stationary control
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replot", action="store_true")
+    p.add_argument(
+        "--stem", default="fidelity_fixed_mask", help="output file stem, e.g. for a drift-0 control"
+    )
     return p.parse_args()
 
 
@@ -236,7 +241,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         "",
         f"Produced by `python benchmarks/fidelity_fixed_mask.py {report['argv']}` "
         f"({report['wall_seconds'] / 60:.1f} min, {args.workers} processes, one thread each). Raw: "
-        "`fidelity_fixed_mask.json`.",
+        f"`{args.stem}.json`.",
         "",
         "**Protocol.** Reference DLRM (embedding dim 4, bottom 256-128-64-4, top 256-128-1), Adagrad lr "
         f"{args.lr}. Per dataset and seed one dense checkpoint is pre-trained and cached; every arm (dense "
@@ -319,10 +324,10 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
                 [[f"{e['target']:g}", *(f"{e['aux_layers'][n]:.3f}" for n in names)] for e in layers],
             ),  # fmt: skip
             "",
-            f"Figure: `fidelity_fixed_mask_{dataset}.png`.",
+            f"Figure: `{args.stem}_{dataset}.png`.",
             "",
         ]
-    (args.out / "fidelity_fixed_mask.md").write_text("\n".join(parts))
+    (args.out / f"{args.stem}.md").write_text("\n".join(parts))
 
 
 def write_plots(tasks: list[dict], args: argparse.Namespace) -> None:
@@ -350,13 +355,13 @@ def write_plots(tasks: list[dict], args: argparse.Namespace) -> None:
             ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(args.out / f"fidelity_fixed_mask_{dataset}.png", dpi=110)
+        fig.savefig(args.out / f"{args.stem}_{dataset}.png", dpi=110)
         plt.close(fig)
 
 
 def main() -> None:
     args = parse_args()
-    path = args.out / "fidelity_fixed_mask.json"
+    path = args.out / f"{args.stem}.json"
     if args.replot:
         report = json.loads(path.read_text())
     else:
@@ -374,7 +379,7 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=1))
     write_plots(report["tasks"], args)
     write_markdown(report, args)
-    print((args.out / "fidelity_fixed_mask.md").read_text())
+    print((args.out / f"{args.stem}.md").read_text())
 
 
 if __name__ == "__main__":
