@@ -161,7 +161,8 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         "# Powered D2S under drift (D2S paper 6.2, Fig. 6)",
         "",
         f"Produced by `python benchmarks/fidelity_d2s.py {report['argv']}` "
-        f"({report['wall_seconds'] / 60:.1f} min, {args.workers} processes). Raw: `fidelity_d2s.json`.",
+        f"({report['wall_seconds'] / 60:.1f} min, {report.get('workers', args.workers)} processes). Raw: "
+        "`fidelity_d2s.json`.",
         "",
         f"**Protocol.** Synthetic stream, drift {args.drift_per_100k} rotations per 100k rows; every seed "
         f"starts from its converged dense checkpoint ({PRETRAIN:,} rows of dense pre-training, shared with "
@@ -231,6 +232,7 @@ def main() -> None:
         report = {
             "argv": " ".join(sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,
+            "workers": args.workers,
             "tasks": tasks,
         }
     report["summary"] = summarize(report["tasks"])

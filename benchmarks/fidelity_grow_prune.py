@@ -210,7 +210,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         "# Powered grow/prune: the four schemes against dense (growth paper, Table II)",
         "",
         f"Produced by `python benchmarks/fidelity_grow_prune.py {report['argv']}` "
-        f"({report['wall_seconds'] / 60:.1f} min, {args.workers} processes). Raw: "
+        f"({report['wall_seconds'] / 60:.1f} min, {report.get('workers', args.workers)} processes). Raw: "
         f"`{stem(args)}.json`.",
         "",
         f"**Protocol.** Reference DLRM, {args.optimizer} lr {args.lr}, beta {BETA} (fraction of "
@@ -271,18 +271,20 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
 
 
 def write_plot(summary: list[dict], args: argparse.Namespace) -> None:
+    """Table II as a figure: relative accuracy per scheme with its interval, FLOPs in the tick labels."""
     fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4))
     for ax, e in zip(list(getattr(axes, "flat", [axes])), summary, strict=True):
-        for name, v in e["schemes"].items():
-            acc = v["relative_accuracy"]
-            ax.errorbar(100 * v["flops_vs_dense"], 100 * acc["mean"], yerr=100 * acc["half"], marker="o",
-                        capsize=4, label=name)  # fmt: skip
-        ax.axhspan(-100 * PAPER_ACC, 100 * PAPER_ACC, color="green", alpha=0.1, label="|acc| <= 0.1%")
-        ax.axvline(100 * PAPER_FLOPS, color="grey", linestyle=":")
-        ax.set_xlabel("training FLOPs vs dense (%)")
-        ax.set_ylabel("accuracy relative to dense (%)")
+        names = list(e["schemes"])
+        for x, name in enumerate(names):
+            acc = e["schemes"][name]["relative_accuracy"]
+            ax.errorbar(x, 100 * acc["mean"], yerr=100 * acc["half"], marker="o", capsize=4)
+        ax.axhspan(-100 * PAPER_ACC, 100 * PAPER_ACC, color="green", alpha=0.15, label="|acc| <= 0.1%")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{n}\n{100 * e['schemes'][n]['flops_vs_dense']:+.1f}% FLOPs" for n in names])
+        ax.set_ylabel("accuracy relative to dense (%), 95% CI")
         ax.set_title(f"{e['dataset']} (beta {BETA}, {len(e['seeds'])} seeds)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / f"{stem(args)}.png", dpi=110)
@@ -306,6 +308,7 @@ def main() -> None:
         report = {
             "argv": " ".join(sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started,
+            "workers": args.workers,
             "tasks": tasks,
         }
     report["summary"] = summarize(report["tasks"])
