@@ -43,7 +43,9 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--d2s-r", type=int, default=4, help="d2s: a new sparse model every r increments")
     p.add_argument("--d2s-p", type=int, default=2, help="d2s: pruned from the snapshot p increments back")
     p.add_argument("--lam", type=float, default=1.75, help="d2s: AUX sparsity penalty lambda")
-    p.add_argument("--eps", type=float, default=0.2, help="d2s: AUX latent-score step")
+    p.add_argument(
+        "--eps", type=float, default=None, help="d2s: AUX latent-score step (default: from the latent budget)"
+    )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of an embedded Ray")
     p.add_argument("--trainer-cpus", type=float, default=0.0, help="CPUs each trainer actor reserves")
     p.add_argument("--server-cpus", type=float, default=0.0, help="CPUs each server-shard actor reserves")

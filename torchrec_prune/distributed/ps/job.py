@@ -49,7 +49,8 @@ class RayTrainConfig:
         beta: fraction of neurons pruned per layer in sparse phases.
         window_steps: global batches before a sparse phase over which importance is averaged.
         d2s_r, d2s_p, lam, eps: D2S period, snapshot lag (increments), AUX lambda and latent-score step
-            (``d2s`` only; eps 0.2 as in the demo's D2S, so that short increments reach their sparsity).
+            (``d2s`` only; ``eps=None``: derived from AUX's latent budget and the pruning phase's length,
+            as everywhere else).
 
     Example::
 
@@ -64,7 +65,7 @@ class RayTrainConfig:
     d2s_r: int = 4
     d2s_p: int = 2
     lam: float = 1.75
-    eps: float = 0.2
+    eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -82,7 +83,7 @@ class RayTrainConfig:
             raise ValueError(f"--d2s-r must be >= --d2s-p, got {self.d2s_r} < {self.d2s_p}")
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
             raise ValueError(f"--lam must be >= 0, got {self.lam!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ValueError(f"--eps must be > 0, got {self.eps!r}")
 
     def d2s(self) -> D2SConfig:
