@@ -137,16 +137,7 @@ class RunCheckpointer:
     # ---------------------------------------------------------------------------------------------
     def complete(self) -> list[CheckpointInfo]:
         """Complete checkpoints, oldest first (``.tmp-`` folders and folders without a manifest skipped)."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for path in self.root.iterdir():
-            match = _NAME.match(path.name)
-            manifest = path / MANIFEST
-            if match and manifest.is_file() and (path / ".metadata").is_file():
-                body = reading(path, lambda m=manifest: json.loads(m.read_text()))
-                found.append(CheckpointInfo(path, int(match.group(1)), body))
-        return sorted(found, key=lambda info: info.position)
+        return complete_checkpoints(self.root, ".metadata")
 
     def clear(self) -> None:
         """Delete every checkpoint of this folder, complete or not (a run that starts over); collective."""
@@ -181,12 +172,9 @@ class RunCheckpointer:
             the folder of the new checkpoint.
         """
         world, rank = _world()
-        final = self.root / f"ckpt-{position:012d}"
-        tmp = self.root / f"{_TMP_PREFIX}{position:012d}"
+        final, tmp = checkpoint_paths(self.root, position)
         if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{_TMP_PREFIX}*"):  # cut short by an earlier kill
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_unpublished(self.root)
         _barrier()
         blob = io.BytesIO()
         torch.save(dict(state), blob)
@@ -198,14 +186,7 @@ class RunCheckpointer:
         if rank == 0:
             body = {"format": FORMAT, "position": position, "world_size": world, **manifest}
             body["replicas"] = sorted(replicas)
-            (tmp / MANIFEST).write_text(json.dumps(body, indent=2))
-            _fsync_dir(tmp)
-            if final.exists():  # the same position saved again (the end of a run): swap, then delete
-                final.rename(self.root / f"{_TMP_PREFIX}old-{position:012d}")
-            tmp.rename(final)
-            _fsync_dir(self.root)
-            for stale in self.root.glob(f"{_TMP_PREFIX}old-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            publish(tmp, final, body)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old.path, ignore_errors=True)
         _barrier()
@@ -328,12 +309,52 @@ def _allocate_lazy_state(
             )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it, a file written in it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint_paths(root: Path, position: int) -> tuple[Path, Path]:
+    """The published folder of the checkpoint at ``position`` and the temporary one it is written in."""
+    return root / f"ckpt-{position:012d}", root / f"{_TMP_PREFIX}{position:012d}"
+
+
+def remove_unpublished(root: Path) -> None:
+    """Create ``root`` and delete the temporary folders of saves an earlier kill cut short."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest.json`` into the fully written ``tmp``, flush, and make it ``final`` in one rename
+    (a checkpoint already at ``final``, the same position saved again, is swapped out, then deleted)."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    fsync_dir(tmp)
+    old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path, *required: str) -> list[CheckpointInfo]:
+    """Published checkpoints under ``root`` holding a manifest and every ``required`` file, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        manifest = path / MANIFEST
+        if match and manifest.is_file() and all((path / name).is_file() for name in required):
+            body = reading(path, lambda m=manifest: json.loads(m.read_text()))
+            found.append(CheckpointInfo(path, int(match.group(1)), body))
+    return sorted(found, key=lambda info: info.position)
 
 
 def find_run_checkpoint(path: str | os.PathLike) -> CheckpointInfo | None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from torchrec_prune.distributed.run_checkpoint import fsync_dir
+
 _STATE = re.compile(r"state-(\d+)\.pt")
 
 
@@ -55,11 +57,7 @@ class ShardStore:
             os.fsync(f.fileno())
         path = self.folder / f"state-{number}.pt"
         os.replace(tmp, path)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.folder)
         for _, old in complete[: max(0, len(complete) + 1 - self.keep)]:
             old.unlink(missing_ok=True)
         return path
