@@ -19,15 +19,6 @@ from torchrec_prune.distributed.ps.trainer import BatchScore
 from torchrec_prune.metrics.window import LookAheadWindow, WindowRecord
 
 
-def global_ranges(stream: Stream, increment_rows: int, batch_size: int, world: int) -> list[tuple[int, int]]:
-    """Every batch range of every trainer, in stream order."""
-    ranges: list[tuple[int, int]] = []
-    for inc in iter_increments(stream, increment_rows, batch_size * world, 0, 1):
-        for rank in range(world):
-            ranges += list(rank_ranges(inc.start_row, inc.start_row + inc.num_rows, batch_size, rank, world))
-    return sorted(ranges)
-
-
 def partition_ranges(
     stream: Stream, increment_rows: int, batch_size: int, rank: int, world: int
 ) -> list[tuple[int, int]]:
@@ -36,6 +27,13 @@ def partition_ranges(
     for inc in iter_increments(stream, increment_rows, batch_size * world, 0, 1):
         ranges += list(rank_ranges(inc.start_row, inc.start_row + inc.num_rows, batch_size, rank, world))
     return ranges
+
+
+def global_ranges(stream: Stream, increment_rows: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Every batch range of every trainer, in stream order."""
+    return sorted(
+        r for rank in range(world) for r in partition_ranges(stream, increment_rows, batch_size, rank, world)
+    )
 
 
 class ScoreCollector:

@@ -31,7 +31,7 @@ from torchrec_prune.distributed.ps.backends import (
     RunSetup,
     TrainerLost,
 )
-from torchrec_prune.distributed.ps.collector import ScoreCollector, global_ranges, partition_ranges
+from torchrec_prune.distributed.ps.collector import ScoreCollector, partition_ranges
 from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout, mask_buffers
 from torchrec_prune.distributed.ps.messages import as_tensor
@@ -153,10 +153,11 @@ class AsyncDriver:
         job, ps = setup.job, setup.ps
         self.job, self.ps = job, ps
         stream = make_stream(job)
-        self.collector = ScoreCollector(
-            global_ranges(stream, job.train.increment_rows, job.train.batch_size, ps.trainers),
-            job.train.window,
-        )
+        self.partitions = [
+            partition_ranges(stream, job.train.increment_rows, job.train.batch_size, rank, ps.trainers)
+            for rank in range(ps.trainers)
+        ]  # each trainer's batch ranges, by batch number
+        self.collector = ScoreCollector(sorted(r for part in self.partitions for r in part), job.train.window)
         self.schedule = (
             None
             if schedule is None
@@ -173,7 +174,6 @@ class AsyncDriver:
         self.wall_seconds = 0.0
         self.trainer_restarts: list[dict[str, int]] = []
         self.shard_restarts: dict[tuple[int, int], int] = {}  # (shard, incarnation) -> updates lost
-        self._partitions: dict[int, list[tuple[int, int]]] = {}
 
     @property
     def mask_version(self) -> int:
@@ -224,7 +224,7 @@ class AsyncDriver:
         """Start trainer ``rank`` again after the last batch any shard took from it; the batches between
         the last one it reported and that one were trained but never scored: consumed without a score."""
         resume = max(backend.committed(rank) + 1, self.consumed[rank])
-        unscored = self.partition(rank)[self.consumed[rank] : resume]
+        unscored = self.partitions[rank][self.consumed[rank] : resume]
         for start, end in unscored:
             self._accept(self.collector.skip(start, end), backend.broadcast)
             self.samples += end - start
@@ -245,20 +245,11 @@ class AsyncDriver:
         self.consumed[rank] = resume
         backend.restart_trainer(rank, resume)
 
-    def partition(self, rank: int) -> list[tuple[int, int]]:
-        """Trainer ``rank``'s batch ranges, in its order."""
-        if rank not in self._partitions:
-            train = self.job.train
-            self._partitions[rank] = partition_ranges(
-                make_stream(self.job), train.increment_rows, train.batch_size, rank, self.ps.trainers
-            )
-        return self._partitions[rank]
-
     def lead(self, rank: int, queued: int) -> int:
         """Rows between the consumed position and the first batch trainer ``rank`` would get with
         ``queued`` calls already queued (0 when its partition has no batch left)."""
         index = self.consumed[rank] + queued * self.ps.chunk_steps
-        part = self.partition(rank)
+        part = self.partitions[rank]
         return 0 if index >= len(part) else part[index][0] - self.collector.position
 
     def _trace(self, score: BatchScore) -> None:
@@ -344,15 +335,12 @@ def drive(
                     f"{lost} ({restarts[lost.rank]} times; --max-restarts {max_restarts})"
                 ) from lost
             driver.restart(lost.rank, backend)
-            rank = lost.rank
         else:
             driver.consume(report, backend.broadcast)
             done[report.rank] |= report.done
-            rank = report.rank
         if due is None or driver.collector.position < due:
-            fill(rank)
-            for other in range(ps.trainers):  # the position moved: a trainer held back may go on
-                fill(other)
+            for rank in range(ps.trainers):  # the position moved: a trainer held back may go on
+                fill(rank)
         elif backend.outstanding() == 0:  # a quiet point: every pushed batch has been consumed
             if save is not None and not driver.collector.complete:
                 backend.invalidate_copies()
@@ -416,7 +404,7 @@ def run_async(
             checkpoints.clear()
         else:
             checkpoints.check(latest)
-            resumed, resumed_from = latest.load(), latest.position
+            resumed, resumed_from = checkpoints.load(latest), latest.position
             setup.shard_states, setup.trainer_states = resumed["shards"], resumed["trainers"]
             logger.info("resuming from %s", latest.path)
     driver = AsyncDriver(setup, schedule, writer)

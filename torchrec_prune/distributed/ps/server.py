@@ -341,7 +341,7 @@ class ShardState:
 
     def summary(self) -> dict[str, Any]:
         """Counters for the run folder: versions, closed-weight violations, bytes and time."""
-        out = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.stats.items()}
+        out = self._plain_stats()
         return out | {
             "shard": self.shard,
             "version": self.version,
@@ -350,6 +350,9 @@ class ShardState:
             "committed": dict(self.committed),
             "traces": self.traces,
         }
+
+    def _plain_stats(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.stats.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, optimizer state, masks, versions, committed offsets and counters: what a restarted
@@ -362,7 +365,7 @@ class ShardState:
             "mask_version": self.mask_version,
             "incarnation": self.incarnation,
             "committed": dict(self.committed),
-            "stats": {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.stats.items()},
+            "stats": self._plain_stats(),
             "traces": self.traces,
         }
 
