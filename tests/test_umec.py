@@ -14,7 +14,6 @@ from torchrec_prune.data.synthetic import SyntheticStream
 from torchrec_prune.masks.layout import dlrm_layouts
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.pruners.umec import UMECConfig, UMECPruner
-from torchrec_prune.pruners.umec.groups import squared_norms
 from torchrec_prune.train.flops import fc_flops
 from torchrec_prune.train.hooks import StepContext
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
@@ -87,7 +86,7 @@ def test_proximal_step_and_dual_updates_follow_the_paper():
     pruner.u = torch.tensor([2.5 / 6, 1.2 / 5])  # ceil(s) = 3 and 2
     pruner.y = torch.tensor([1.0, 0.5])
     pruner.z = torch.tensor([0.3, 0.0])
-    before = squared_norms(pruner.layers, modules, {})
+    before = pruner.groups.norms().split([layer.size for layer in pruner.layers])
     weights = [modules[f"{i}"].weight.detach().clone() for i in (0, 2, 4)]
     biases = [modules[f"{i}"].bias.detach().clone() for i in (0, 2, 4)]
     counts = pruner.counts()

@@ -136,61 +136,107 @@ def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module])
     return out
 
 
-@torch.no_grad()
-def squared_norms(
-    layers: list[GroupLayer], modules: Mapping[str, nn.Module], blocks: Blocks
-) -> list[torch.Tensor]:
-    """Per layer, the squared L2 norm of every group (this rank's share of sharded tables)."""
-    squares: dict[str, torch.Tensor] = {}
+class GroupMap:
+    """Every group of every layer under one global number (the layers one after the other), and where
+    its weights are: the group norms and the proximal step of all layers then take a few operations
+    per Linear and table, instead of a dozen per layer and Linear, which cost more than the arithmetic
+    on a small model.
 
-    def square(fqn: str) -> torch.Tensor:
-        if fqn not in squares:
-            squares[fqn] = modules[fqn].weight.detach().float().square()
-        return squares[fqn]
+    Args:
+        layers: the group layers.
+        modules: every module a layer acts on, by FQN (``touched_modules``).
+        blocks: the local weight blocks of the tables the layers hold (``table_blocks``).
+        device: where the weights, and so the per-entry maps, are.
+    """
 
-    out = []
-    for layer in layers:
-        norms = torch.zeros(layer.size)
-        for fqn, (idx, gid) in layer.rows.items():
-            bias = modules[fqn].bias
-            sq = square(fqn).sum(1)
-            if bias is not None:
-                sq = sq + bias.detach().float().square()
-            norms.index_add_(0, gid, sq.cpu()[idx])
-        for fqn, (idx, gid) in layer.cols.items():
-            norms.index_add_(0, gid, square(fqn).sum(0).cpu()[idx])
-        for fqn in layer.tables:
-            for _, block, col0 in blocks[fqn]:
-                norms[col0 : col0 + block.shape[1]] += block.detach().float().square().sum(0).cpu()
-        out.append(norms)
-    return out
+    def __init__(
+        self,
+        layers: list[GroupLayer],
+        modules: Mapping[str, nn.Module],
+        blocks: Blocks,
+        device: torch.device,
+    ) -> None:
+        sizes = [layer.size for layer in layers]
+        self.size = sum(sizes)  # entries of no group point at group `size`: factor 1, norm dropped
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.modules, self.device = modules, device
+        pairs: dict[tuple[str, int], list[Index]] = {}  # (Linear, 0: rows / 1: columns) -> global pairs
+        # blocks by the global group of their column 0 and their width (all tables of a common dimension)
+        self.tables: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.table_groups = (self.size, 0)
+        for layer, offset in zip(layers, self.offsets, strict=True):
+            for dim, parts in ((0, layer.rows), (1, layer.cols)):
+                for fqn, (idx, gid) in parts.items():
+                    pairs.setdefault((fqn, dim), []).append((idx, gid + offset))
+            for fqn in layer.tables:
+                for _, block, col0 in blocks[fqn]:
+                    self.tables.setdefault((offset + col0, block.shape[1]), []).append(block)
+            if layer.tables:  # the global groups that hold table columns
+                lo, hi = self.table_groups
+                self.table_groups = (min(lo, offset), max(hi, offset + layer.size))
+        # an axis whose entries belong to one group at most maps entry -> group; shared entries (DLRM's
+        # dot products, in two feature groups) keep their (entry, group) pairs
+        self.single: dict[tuple[str, int], torch.Tensor] = {}
+        self.shared: dict[tuple[str, int], Index] = {}
+        for (fqn, dim), parts in pairs.items():
+            idx, gid = torch.cat([i for i, _ in parts]), torch.cat([g for _, g in parts])
+            if len(idx.unique()) == len(idx):
+                groups = torch.full((modules[fqn].weight.shape[dim],), self.size)
+                groups[idx] = gid
+                self.single[(fqn, dim)] = groups.to(device)
+            else:
+                self.shared[(fqn, dim)] = (idx.to(device), gid.to(device))
 
+    @torch.no_grad()
+    def norms(self) -> torch.Tensor:
+        """Squared L2 norm of every group (this rank's share of sharded tables), on ``device``."""
+        out = torch.zeros(self.size + 1, device=self.device)
+        squares: dict[str, torch.Tensor] = {}
+        for (fqn, dim), groups in [*self.single.items(), *self.shared.items()]:
+            if fqn not in squares:
+                squares[fqn] = self.modules[fqn].weight.float().square()
+            sums = squares[fqn].sum(1 - dim)
+            bias = self.modules[fqn].bias
+            if dim == 0 and bias is not None:
+                sums += bias.float().square()
+            if isinstance(groups, torch.Tensor):
+                out.index_add_(0, groups, sums)
+            else:
+                out.index_add_(0, groups[1], sums[groups[0]])
+        for (first, width), group in self.tables.items():
+            out[first : first + width] += torch.stack([b.float().square().sum(0) for b in group]).sum(0)
+        return out[:-1]
 
-@torch.no_grad()
-def shrink_(
-    layer: GroupLayer, factor: torch.Tensor, modules: Mapping[str, nn.Module], blocks: Blocks
-) -> None:
-    """Multiply every weight of group ``g`` by ``factor[g]`` (the proximal step), in place."""
-    for fqn, (idx, gid) in layer.rows.items():
-        linear = modules[fqn]
-        scale = _scale(linear.out_features, idx, gid, factor).to(linear.weight.device)
-        linear.weight.mul_(scale.unsqueeze(1).to(linear.weight.dtype))
-        if linear.bias is not None:
-            linear.bias.mul_(scale.to(linear.bias.dtype))
-    for fqn, (idx, gid) in layer.cols.items():
-        linear = modules[fqn]
-        scale = _scale(linear.in_features, idx, gid, factor).to(linear.weight.device)
-        linear.weight.mul_(scale.unsqueeze(0).to(linear.weight.dtype))
-    for fqn in layer.tables:
-        for _, block, col0 in blocks[fqn]:
-            block.mul_(factor[col0 : col0 + block.shape[1]].to(block.device, block.dtype).unsqueeze(0))
+    @torch.no_grad()
+    def shrink_(self, factor: torch.Tensor) -> None:
+        """Multiply every weight of global group ``g`` by ``factor[g]`` (the proximal step), in place.
 
-
-def _scale(n: int, idx: torch.Tensor, gid: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per-entry product of the factors of the groups an entry belongs to (1 for no group)."""
-    if len(idx) == n and bool((idx == gid).all()):  # entry i is group i (neurons, common dimension)
-        return factor
-    return torch.zeros(n).index_add_(0, idx, factor[gid].log()).exp()
+        A table is multiplied a shrunk column at a time (strided, in place) while those are few: the
+        proximal step shrinks the few smallest columns, and a pass over the whole table for them would
+        cost as much as several such columns.
+        """
+        factor = torch.cat([factor, torch.ones(1)])
+        on_device = factor.to(self.device)
+        for (fqn, dim), groups in [*self.single.items(), *self.shared.items()]:
+            if isinstance(groups, torch.Tensor):
+                scale = on_device[groups]
+            else:  # the product of the factors of an entry's groups
+                scale = torch.zeros(self.modules[fqn].weight.shape[dim], device=self.device)
+                scale = scale.index_add_(0, groups[0], on_device[groups[1]].log()).exp()
+            linear = self.modules[fqn]
+            linear.weight.mul_(scale.unsqueeze(1 - dim).to(linear.weight.dtype))
+            if dim == 0 and linear.bias is not None:
+                linear.bias.mul_(scale.to(linear.bias.dtype))
+        lo, hi = self.table_groups
+        shrunk = [(g, f) for g, f in enumerate(factor[lo:hi].tolist(), lo) if f != 1.0]
+        for (first, width), group in self.tables.items():
+            mine = [(g - first, f) for g, f in shrunk if first <= g < first + width]
+            for block in group:
+                if 4 * len(mine) <= width:
+                    for c, f in mine:
+                        block[:, c].mul_(f)
+                elif mine:
+                    block.mul_(factor[first : first + width].to(block.device, block.dtype).unsqueeze(0))
 
 
 @torch.no_grad()

@@ -44,13 +44,12 @@ from torchrec_prune.pruners.schedules import check_steps
 from torchrec_prune.pruners.targets import Targets
 from torchrec_prune.pruners.umec.groups import (
     GroupLayer,
+    GroupMap,
     check_disjoint,
     close_groups,
     dlrm_layers,
     is_open,
     neuron_layers,
-    shrink_,
-    squared_norms,
     table_blocks,
     touched_modules,
 )
@@ -203,8 +202,12 @@ class UMECPruner(PrunerBase):
                     f"{flag} {float(self.budgets[r]):g} is below the smallest model that keeps one group "
                     f"per layer ({least:.4f} of the dense model's {name}); give {flag} >= {least:.4f}"
                 )
-        self._blocks = table_blocks(layers, self._modules)
+        device = next(m for m in self._modules.values() if isinstance(m, MaskedLinear)).weight.device
+        self.groups = GroupMap(layers, self._modules, table_blocks(layers, self._modules), device)
         self.sizes = torch.tensor([layer.size for layer in layers], dtype=torch.float32)
+        # per global group: its layer, and its rank in that layer once each layer is sorted by norm
+        self._layer_of = torch.repeat_interleave(torch.arange(len(layers)), self.sizes.long())
+        self._rank = torch.arange(self.groups.size) - torch.tensor(self.groups.offsets)[self._layer_of]
         self.u = torch.zeros(len(layers))  # s_l / n_l
         self._adam = _Adam(len(layers), config.eta2)
         self.y = torch.zeros(len(layers))
@@ -220,7 +223,7 @@ class UMECPruner(PrunerBase):
 
     def counts(self) -> list[int]:
         """``ceil(s_l)``, at most ``n_l - 1`` (every layer keeps a group)."""
-        ks = torch.ceil(self.s - 1e-6).clamp(min=0)
+        ks = torch.ceil(self.s - 1e-6).clamp(min=0).tolist()
         return [min(int(k), layer.size - 1) for k, layer in zip(ks, self.layers, strict=True)]
 
     def allocation(self) -> dict[str, tuple[int, int]]:
@@ -229,11 +232,20 @@ class UMECPruner(PrunerBase):
         counts = [self.removed[layer.name] for layer in self.layers] if self.finalized else self.counts()
         return {layer.name: (k, layer.size) for layer, k in zip(self.layers, counts, strict=True)}
 
-    def _norms(self) -> list[torch.Tensor]:
-        norms = squared_norms(self.layers, self._modules, self._blocks)
-        flat = torch.cat(norms)
-        all_reduce_mean_([flat])  # every rank ranks the same groups
-        return list(flat.split([layer.size for layer in self.layers]))
+    def _norms(self) -> torch.Tensor:
+        """Squared norms of all groups (``GroupMap`` numbering), on the CPU: summed where the weights
+        are, averaged over ranks (every rank ranks the same groups) and moved in one piece."""
+        flat = self.groups.norms()
+        all_reduce_mean_([flat])
+        return flat.cpu()
+
+    def _sorted(self, norms: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The global order that sorts each layer's groups by norm (layers stay in place), and per layer
+        the order of its own groups."""
+        order = torch.argsort(norms, stable=True)
+        order = order[torch.argsort(self._layer_of[order], stable=True)]
+        offsets = self.groups.offsets
+        return order, [order[o : o + layer.size] - o for o, layer in zip(offsets, self.layers, strict=True)]
 
     # ----------------------------------------------------------------------------------------------
     def after_step(self, ctx: StepContext) -> None:
@@ -247,40 +259,41 @@ class UMECPruner(PrunerBase):
 
     @torch.no_grad()
     def update(self) -> None:
-        """One UMEC iteration on the current weights (after the optimizer's step)."""
+        """One UMEC iteration on the current weights (after the optimizer's step), vectorised over the
+        groups of all layers: per-layer loops of small operations cost more than the update's arithmetic.
+        """
         cfg = self.config
         norms = self._norms()
-        orders = [torch.argsort(n, stable=True) for n in norms]
+        order, orders = self._sorted(norms)
         ks = self.counts()
         profiles = self.resource.profiles(orders)
-        now = torch.tensor(self.resource.evaluate(profiles, ks))
-        # 1. proximal step on the ceil(s) smallest groups
-        for layer, norm, order, k, y in zip(self.layers, norms, orders, ks, self.y.tolist(), strict=True):
-            if k and y > 0:
-                factor = torch.ones(layer.size)
-                factor[order[:k]] = 1.0 / (1.0 + 2.0 * cfg.eta1 * y)
-                shrink_(layer, factor, self._modules, self._blocks)
-                norm.mul_(factor.square())
+        now = self.resource.evaluate(profiles, ks)
+        by_rank = norms[order]  # each layer's norms, ascending
+        # 1. proximal step on the ceil(s) smallest groups (shrunk, they stay the smallest: `order` holds)
+        shrunk = self._rank < torch.tensor(ks)[self._layer_of]
+        factor = torch.where(shrunk, (1.0 / (1.0 + 2.0 * cfg.eta1 * self.y))[self._layer_of], 1.0)
+        if bool((factor != 1.0).any()):
+            self.groups.shrink_(torch.empty_like(factor).index_put_((order,), factor))
+            by_rank *= factor.square()
         # 2. s: straight-through gradient, Adam step
-        grad = torch.zeros(len(self.layers))
-        for i, (layer, norm, order, k) in enumerate(zip(self.layers, norms, orders, ks, strict=True)):
-            d_sparsity = self.y[i] * norm[order[min(k, layer.size - 1)]]
-            d_resource = torch.zeros(len(RESOURCES))
+        offsets = torch.tensor(self.groups.offsets)
+        d_sparsity = self.y * by_rank[offsets + torch.minimum(torch.tensor(ks), self.sizes.long() - 1)]
+        d_resource = [[0.0] * len(RESOURCES) for _ in self.layers]
+        for i, (layer, k) in enumerate(zip(self.layers, ks, strict=True)):
             if k + 1 <= layer.size - 1:
-                step = list(ks)
-                step[i] += 1
-                d_resource = torch.tensor(self.resource.evaluate(profiles, step)) - now
-            grad[i] = (d_sparsity + (self.z * d_resource).sum()) * layer.size
-        self.u = self._adam.step(self.u, grad)
+                after = self.resource.evaluate(profiles, [*ks[:i], k + 1, *ks[i + 1 :]])
+                d_resource[i] = [a - b for a, b in zip(after, now, strict=True)]
+        self.u = self._adam.step(self.u, (d_sparsity + torch.tensor(d_resource) @ self.z) * self.sizes)
         self.u.clamp_(min=torch.zeros_like(self.sizes), max=(self.sizes - 1) / self.sizes)
         # 3. y: squared norm of the ceil(s) smallest groups of the new weights
-        for i, (norm, k) in enumerate(zip(norms, self.counts(), strict=True)):
-            self.y[i] += cfg.eta3 * float(torch.sort(norm).values[:k].sum())
+        smallest = self._rank < torch.tensor(self.counts())[self._layer_of]
+        self.y += cfg.eta3 * torch.zeros(len(self.layers)).index_add_(0, self._layer_of, by_rank * smallest)
         # 4. z: resource excess over the budget
-        excess = torch.where(torch.isinf(self.budgets), torch.zeros_like(now), now - self.budgets)
+        resources = torch.tensor(now)
+        excess = torch.where(torch.isinf(self.budgets), torch.zeros_like(resources), resources - self.budgets)
         self.z = (self.z + cfg.eta4 * excess).clamp(min=0)
         if self.steps % cfg.record_every == 0:
-            self._record(ks, now)
+            self._record(ks, resources)
 
     def _record(self, ks: list[int], resources: torch.Tensor) -> None:
         self.history.append(
@@ -297,9 +310,9 @@ class UMECPruner(PrunerBase):
         if self.finalized:
             return
         norms = self._norms()
-        orders = [torch.argsort(n, stable=True) for n in norms]
+        _, orders = self._sorted(norms)
         profiles = self.resource.profiles(orders)
-        ks = self._fit(self.counts(), norms, orders, profiles)
+        ks = self._fit(self.counts(), list(norms.split(self.sizes.long().tolist())), orders, profiles)
         optimizers = optimizers_of(ctx_or_optimizers)
         for layer, order, k in zip(self.layers, orders, ks, strict=True):
             removed = torch.zeros(layer.size, dtype=torch.bool)

@@ -94,6 +94,7 @@ class ResourceModel:
         # common dimension) has a profile that does not depend on the order, computed once
         self._members: list[dict[tuple[str, str], torch.Tensor]] = []
         self._fixed: list[Profile | None] = []
+        self._last: list[tuple[torch.Tensor, Profile] | None] = [None] * len(self.layers)
         widths = {lin.fqn: (lin.outputs, lin.inputs) for lin in self.linears}
         for layer in self.layers:
             members = {}
@@ -111,13 +112,19 @@ class ResourceModel:
         self.dense_flops, self.dense_bytes = self.absolute(nothing, [0] * len(self.layers))
 
     def profiles(self, orders: Sequence[torch.Tensor]) -> list[Profile]:
-        """Removal profiles of every layer when its groups are removed in ``orders[l]`` order."""
-        return [
-            fixed or self._profile(layer, members, order)
-            for layer, members, order, fixed in zip(
-                self.layers, self._members, orders, self._fixed, strict=True
-            )
-        ]
+        """Removal profiles of every layer when its groups are removed in ``orders[l]`` order (a layer's
+        last profile is reused while its order stays: groups seldom change places from step to step)."""
+        out = []
+        for i, (layer, members, order, fixed) in enumerate(
+            zip(self.layers, self._members, orders, self._fixed, strict=True)
+        ):
+            if fixed is None:
+                last = self._last[i]
+                if last is None or not torch.equal(last[0], order):
+                    self._last[i] = last = (order, self._profile(layer, members, order))
+                fixed = last[1]
+            out.append(fixed)
+        return out
 
     def _profile(
         self, layer: GroupLayer, members: dict[tuple[str, str], torch.Tensor], order: torch.Tensor
