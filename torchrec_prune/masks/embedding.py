@@ -13,7 +13,9 @@ child and the masks load open.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -63,6 +65,7 @@ class MaskedEmbeddings(nn.Module):
         self.register_buffer(
             "feature_gate", torch.ones(len(self._feature_tables), dtype=torch.bool, device=device)
         )
+        self._derived_cache: _Derived | None = None
         self._register_load_state_dict_pre_hook(_load_plain_collection, with_module=True)
 
     @property
@@ -104,11 +107,23 @@ class MaskedEmbeddings(nn.Module):
             for buf in self.mask_buffers().values():
                 buf.fill_(True)
 
-    def _masks_key(self) -> tuple[int, ...]:
-        # Keyed on versions and identities: a load, prune or grow invalidates derived masks, and the
-        # forward pays no host sync while masks stay put.
-        masks = list(self.mask_buffers().values())
-        return tuple(m._version for m in masks) + tuple(id(m) for m in masks)
+    def _derived(self) -> _Derived:
+        """``_derive()`` of the masks, rebuilt only when a mask was replaced or written in place.
+
+        Keyed on identities and versions (read straight from the buffer dicts: the forward runs this
+        every step), so a load, prune or grow invalidates it and the forward pays no host sync while
+        masks stay put.
+        """
+        masks = (*self.dim_masks._buffers.values(), self._buffers["feature_gate"])
+        key = (*map(id, masks), *map(_VERSION, masks))
+        derived = self._derived_cache
+        if derived is None or derived.key != key:
+            derived = self._derived_cache = _Derived(key, masks, self._derive(), {})
+        return derived
+
+    def _derive(self) -> Any:
+        """What the forward needs from the masks (each wrapper's own); may cost a host sync."""
+        raise NotImplementedError
 
 
 class MaskedEmbeddingBagCollection(MaskedEmbeddings):
@@ -132,7 +147,6 @@ class MaskedEmbeddingBagCollection(MaskedEmbeddings):
 
     def __init__(self, ebc: EmbeddingBagCollectionInterface) -> None:
         super().__init__(ebc, ebc.embedding_bag_configs())
-        self._column_cache: tuple[tuple[int, ...], torch.Tensor | None] | None = None
 
     # TorchRec models read these from the EBC they hold; delegating keeps model code unchanged.
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -140,29 +154,30 @@ class MaskedEmbeddingBagCollection(MaskedEmbeddings):
 
     def column_mask(self) -> torch.Tensor | None:
         """Mask over the concatenated pooled columns, or ``None`` when every column is kept."""
-        key = self._masks_key()
-        if self._column_cache is None or self._column_cache[0] != key:
-            parts = [
-                self.dim_mask(table) & self.feature_gate[i]
-                for i, (_, table, _) in enumerate(self._feature_tables)
-            ]
-            column = torch.cat(parts)
-            self._column_cache = (key, None if bool(column.all()) else column)
-        return self._column_cache[1]
+        return self._derived().value
+
+    def _derive(self) -> torch.Tensor | None:
+        parts = [
+            self.dim_mask(table) & self.feature_gate[i]
+            for i, (_, table, _) in enumerate(self._feature_tables)
+        ]
+        column = torch.cat(parts)
+        return None if bool(column.all()) else column
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.ebc(features)
-        column = self.column_mask()
-        if column is None:
+        derived = self._derived()
+        if derived.value is None:
             return pooled
-        order = [self.feature_names.index(k) for k in pooled.keys()]
-        if order != list(range(len(order))):
-            column = torch.cat([column.split(self._dims())[i] for i in order])
+        keys, values = pooled.keys(), pooled.values()
+        spec = (tuple(keys), values.device, values.dtype)
+        scale = derived.casts.get(spec)
+        if scale is None:  # once per mask change: the output's key order, device and dtype
+            order = [self.feature_names.index(k) for k in keys]
+            scale = torch.cat([derived.value.split(self._dims())[i] for i in order])
+            scale = derived.casts[spec] = scale.to(device=values.device, dtype=values.dtype)
         return KeyedTensor(
-            keys=pooled.keys(),
-            length_per_key=pooled.length_per_key(),
-            values=pooled.values() * column.to(device=pooled.values().device, dtype=pooled.values().dtype),
-            key_dim=pooled.key_dim(),
+            keys=keys, length_per_key=pooled.length_per_key(), values=values * scale, key_dim=pooled.key_dim()
         )
 
     def _dims(self) -> list[int]:
@@ -195,40 +210,57 @@ class MaskedEmbeddingCollection(MaskedEmbeddings):
         names = [name for table in get_embedding_names_by_table(self._configs) for name in table]
         # Output keys are embedding names (the feature, or ``feature@table`` for a feature of two tables).
         self._output_index = {name: i for i, name in enumerate(names)}
-        self._row_cache: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None
 
     def embedding_configs(self) -> list[EmbeddingConfig]:
         return self._configs  # type: ignore[return-value]
 
     def row_masks(self) -> list[torch.Tensor | None]:
         """Per feature (table order), the mask over its embedding columns, ``None`` when all are kept."""
-        key = self._masks_key()
-        if self._row_cache is None or self._row_cache[0] != key:
-            masks = [
-                self.dim_mask(table) & self.feature_gate[i]
-                for i, (_, table, _) in enumerate(self._feature_tables)
-            ]
-            self._row_cache = (key, [None if bool(m.all()) else m for m in masks])
-        return self._row_cache[1]
+        return self._derived().value
+
+    def _derive(self) -> list[torch.Tensor | None]:
+        masks = [
+            self.dim_mask(table) & self.feature_gate[i]
+            for i, (_, table, _) in enumerate(self._feature_tables)
+        ]
+        return [None if bool(m.all()) else m for m in masks]
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         embeddings = self.ec(features)
-        masks = self.row_masks()
-        if all(m is None for m in masks):
+        derived = self._derived()
+        if all(m is None for m in derived.value):
             return embeddings
         out: dict[str, JaggedTensor] = {}
         for name, jt in embeddings.items():
-            mask = masks[self._output_index[name]]
+            index = self._output_index[name]
+            mask = derived.value[index]
             if mask is None:
                 out[name] = jt
                 continue
             values = jt.values()
+            spec = (index, values.device, values.dtype)
+            scale = derived.casts.get(spec)
+            if scale is None:  # once per mask change
+                scale = derived.casts[spec] = mask.to(device=values.device, dtype=values.dtype)
             out[name] = JaggedTensor(
-                values=values * mask.to(device=values.device, dtype=values.dtype),
+                values=values * scale,
                 lengths=jt.lengths(),
                 weights=jt.weights_or_none(),
             )
         return out
+
+
+_VERSION = attrgetter("_version")  # a tensor's in-place write counter
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What a wrapper derives from its masks, valid while ``key`` (their ids and versions) holds."""
+
+    key: tuple[int, ...]
+    masks: tuple[torch.Tensor, ...]  # held, so that no new tensor takes one of the keyed ids
+    value: Any
+    casts: dict[Hashable, torch.Tensor]  # ``value`` in an output's order, device and dtype
 
 
 def _load_plain_collection(

@@ -196,8 +196,9 @@ class LookAheadWindow:
                 self._rank_counts[r] += max(0, min(stop, bounds[r + 1]) - max(start, bounds[r]))
             lo, hi = max(start, bounds[rank]) - bounds[rank], min(stop, bounds[rank + 1]) - bounds[rank]
             if hi > lo:
-                self._scores.append(logits[lo:hi])
-                self._labels.append(labels[lo:hi].float())
+                whole = hi - lo == logits.numel()  # the usual case: no views to make
+                self._scores.append(logits if whole else logits[lo:hi])
+                self._labels.append((labels if whole else labels[lo:hi]).float())
             self._filled += stop - start
             self._samples += stop - start
             start = stop

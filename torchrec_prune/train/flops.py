@@ -10,16 +10,27 @@ FLOPs, so it is reported apart as *effective* FLOPs, ``2*nnz(kept weights) + kep
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from torchrec_prune.masks.linear import MaskedLinear
 
 TRAINING_MULTIPLIER = 3
+_registrations = 0  # child modules registered anywhere in this process (setattr, add_module, register_module)
+
+
+def _count_registration(module: nn.Module, name: str, child: nn.Module | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+# A meter re-walks a model's modules only after a registration (or a change on a cached layer's path).
+register_module_module_registration_hook(_count_registration)
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,7 @@ def _fc_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def _layer_flops(name: str, layer: nn.Linear) -> LayerFlops:
     if layer.weight.is_meta:
         raise ValueError(f"cannot count FLOPs of {name!r}: its weight is on 'meta'; materialise it first")
-    out_features, in_features = layer.weight.shape
+    out_features, in_features = layer.out_features, layer.in_features  # a compacted weight may be smaller
     if isinstance(layer, MaskedLinear):
         keep = layer.kept_mask()
         counts = torch.stack([layer.input_mask.sum(), layer.neuron_mask.sum(), keep.sum()]).tolist()
@@ -187,8 +198,11 @@ class FlopsSegment:
 class FlopsMeter:
     """Integrate per-sample training FLOPs x samples over a run.
 
-    Per-sample FLOPs are cached until a mask changes: the cache key holds each mask's identity and
-    ``_version`` (bumped by every in-place write), so ``add`` costs no host sync while masks stay put.
+    Per-sample FLOPs are cached until a mask changes: the key holds each FC layer's sizes and each of its
+    buffers' identity and ``_version`` (bumped by every in-place write), so ``add`` costs no host sync
+    while masks stay put. The FC layers themselves are found once per model and found again only after
+    a child module was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's
+    path was removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
 
     Example::
 
@@ -201,26 +215,44 @@ class FlopsMeter:
 
     def __init__(self) -> None:
         self._segments: list[FlopsSegment] = []
-        self._cache: tuple[Hashable, FlopsReport] | None = None
+        self._totals = FlopsTotals()
+        self._tree: _FcTree | None = None
+        self._cache: _CachedFlops | None = None
 
     def per_sample(self, model: nn.Module) -> FlopsReport:
         """``fc_flops(model)``, recomputed only when a Linear or one of its masks changed."""
-        layers = _fc_layers(model)
-        key = tuple((name, id(m), id(m.weight), m.bias is not None, *_mask_versions(m)) for name, m in layers)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, FlopsReport(tuple(_layer_flops(name, m) for name, m in layers)))
-        return self._cache[1]
+        return self._current(model).report
+
+    def _current(self, model: nn.Module) -> _CachedFlops:
+        tree = self._tree
+        if tree is None or tree.model is not model or not tree.intact():
+            tree = self._tree = _FcTree.walk(model)
+        key = tuple((name, _layer_state(layer)) for name, layer in tree.layers)
+        cache = self._cache
+        if cache is None or cache.key != key:
+            report = FlopsReport(tuple(_layer_flops(name, layer) for name, layer in tree.layers))
+            held = [t for _, layer in tree.layers for t in (layer, *layer._buffers.values()) if t is not None]
+            cache = self._cache = _CachedFlops(key, held, report, integrate_phases([(1, report)]))
+        return cache
 
     def add(self, model: nn.Module, num_samples: int, phase: str | None = None) -> None:
         """Count ``num_samples`` samples at the model's current FLOPs (pass global counts for run totals)."""
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        report = self.per_sample(model)
+        current = self._current(model)
+        report, unit = current.report, current.unit
         last = self._segments[-1] if self._segments else None
         if last is not None and last.phase == phase and last.report == report:
             self._segments[-1] = FlopsSegment(phase, last.samples + num_samples, report)
         else:
             self._segments.append(FlopsSegment(phase, num_samples, report))
+        t = self._totals  # kept running: the trainer reads the totals every step
+        self._totals = FlopsTotals(
+            t.samples + num_samples,
+            t.dense + num_samples * unit.dense,
+            t.actual + num_samples * unit.actual,
+            t.effective + num_samples * unit.effective,
+        )
 
     @property
     def segments(self) -> tuple[FlopsSegment, ...]:
@@ -228,7 +260,7 @@ class FlopsMeter:
 
     @property
     def totals(self) -> FlopsTotals:
-        return integrate_phases((s.samples, s.report) for s in self._segments)
+        return self._totals
 
     def phase_totals(self) -> dict[str | None, FlopsTotals]:
         """Totals per phase label, in order of first appearance; they add up to ``totals``."""
@@ -248,7 +280,49 @@ class FlopsMeter:
             FlopsSegment(s["phase"], s["samples"], FlopsReport.from_dict(s["report"]))
             for s in state["segments"]
         ]
+        self._totals = integrate_phases((s.samples, s.report) for s in self._segments)
 
 
-def _mask_versions(layer: nn.Linear) -> tuple[int, ...]:
-    return layer.mask_key() if isinstance(layer, MaskedLinear) else ()
+def _layer_state(layer: nn.Linear) -> tuple[int, ...]:
+    """What ``_layer_flops`` reads besides mask contents: identity, sizes, bias, and every buffer's
+    identity and in-place version (held by the cache, so an id is not reused while it is keyed)."""
+    state = [id(layer), layer.in_features, layer.out_features, layer._parameters.get("bias") is not None]
+    for buf in layer._buffers.values():
+        state += (0, -1) if buf is None else (id(buf), buf._version)
+    return tuple(state)
+
+
+@dataclass(frozen=True)
+class _FcTree:
+    """A model's FC layers, with every (parent, child name, child) edge on their paths."""
+
+    model: nn.Module
+    registrations: int
+    layers: list[tuple[str, nn.Linear]]
+    edges: tuple[tuple[nn.Module, str, nn.Module], ...]
+
+    @classmethod
+    def walk(cls, model: nn.Module) -> _FcTree:
+        layers = _fc_layers(model)
+        edges: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        for name, _ in layers:
+            parent = model
+            for part in name.split(".") if name else ():
+                child = parent._modules[part]
+                edges[id(parent), part] = (parent, part, child)
+                parent = child
+        return cls(model, _registrations, layers, tuple(edges.values()))
+
+    def intact(self) -> bool:
+        """No module registered since the walk, and every edge still there (``del`` registers nothing)."""
+        return self.registrations == _registrations and all(
+            parent._modules.get(name) is child for parent, name, child in self.edges
+        )
+
+
+@dataclass(frozen=True)
+class _CachedFlops:
+    key: tuple[tuple[str, tuple[int, ...]], ...]
+    held: list[object]  # the keyed layers and buffers: alive, so their ids stay theirs
+    report: FlopsReport
+    unit: FlopsTotals  # training FLOPs of one sample
