@@ -161,13 +161,15 @@ class GroupMap:
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.modules, self.device = modules, device
         pairs: dict[tuple[str, int], list[Index]] = {}  # (Linear, 0: rows / 1: columns) -> global pairs
+        self.layers_of: dict[tuple[str, int], set[int]] = {}  # (Linear, 0 / 1) -> layers it holds groups of
         # blocks by the global group of their column 0 and their width (all tables of a common dimension)
         self.tables: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.table_groups = (self.size, 0)
-        for layer, offset in zip(layers, self.offsets, strict=True):
+        for i, (layer, offset) in enumerate(zip(layers, self.offsets, strict=True)):
             for dim, parts in ((0, layer.rows), (1, layer.cols)):
                 for fqn, (idx, gid) in parts.items():
                     pairs.setdefault((fqn, dim), []).append((idx, gid + offset))
+                    self.layers_of.setdefault((fqn, dim), set()).add(i)
             for fqn in layer.tables:
                 for _, block, col0 in blocks[fqn]:
                     self.tables.setdefault((offset + col0, block.shape[1]), []).append(block)
@@ -208,8 +210,9 @@ class GroupMap:
         return out[:-1]
 
     @torch.no_grad()
-    def shrink_(self, factor: torch.Tensor) -> None:
-        """Multiply every weight of global group ``g`` by ``factor[g]`` (the proximal step), in place.
+    def shrink_(self, factor: torch.Tensor, layers: set[int]) -> None:
+        """Multiply every weight of global group ``g`` by ``factor[g]`` (the proximal step), in place;
+        only the weights of ``layers`` (the group layers with a factor other than 1) are touched.
 
         A table is multiplied a shrunk column at a time (strided, in place) while those are few: the
         proximal step shrinks the few smallest columns, and a pass over the whole table for them would
@@ -218,6 +221,8 @@ class GroupMap:
         factor = torch.cat([factor, torch.ones(1)])
         on_device = factor.to(self.device)
         for (fqn, dim), groups in [*self.single.items(), *self.shared.items()]:
+            if not self.layers_of[(fqn, dim)] & layers:
+                continue
             if isinstance(groups, torch.Tensor):
                 scale = on_device[groups]
             else:  # the product of the factors of an entry's groups

@@ -53,7 +53,7 @@ from torchrec_prune.pruners.umec.groups import (
     table_blocks,
     touched_modules,
 )
-from torchrec_prune.pruners.umec.resource import RESOURCES, ResourceModel
+from torchrec_prune.pruners.umec.resource import RESOURCES, Profile, ResourceModel
 from torchrec_prune.train.hooks import StepContext
 
 
@@ -214,6 +214,9 @@ class UMECPruner(PrunerBase):
         self.z = torch.zeros(len(RESOURCES))
         self.history: list[dict[str, Any]] = []
         self.removed: dict[str, int] = {}
+        self._last_costs: (
+            tuple[list[int], list[Profile], tuple[float, ...], list[tuple[float, ...]]] | None
+        ) = None
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -266,24 +269,27 @@ class UMECPruner(PrunerBase):
         norms = self._norms()
         order, orders = self._sorted(norms)
         ks = self.counts()
-        profiles = self.resource.profiles(orders)
-        now = self.resource.evaluate(profiles, ks)
+        profiles = self.resource.profiles(orders, upto=[k + 1 for k in ks])
+        now, afters = self._costs(ks, profiles)
         by_rank = norms[order]  # each layer's norms, ascending
         # 1. proximal step on the ceil(s) smallest groups (shrunk, they stay the smallest: `order` holds)
+        ys, zs = self.y.tolist(), self.z.tolist()
         shrunk = self._rank < torch.tensor(ks)[self._layer_of]
         factor = torch.where(shrunk, (1.0 / (1.0 + 2.0 * cfg.eta1 * self.y))[self._layer_of], 1.0)
-        if bool((factor != 1.0).any()):
-            self.groups.shrink_(torch.empty_like(factor).index_put_((order,), factor))
+        active = {i for i, (k, y) in enumerate(zip(ks, ys, strict=True)) if k and y > 0}
+        if active:
+            self.groups.shrink_(torch.empty_like(factor).index_put_((order,), factor), active)
             by_rank *= factor.square()
-        # 2. s: straight-through gradient, Adam step
-        offsets = torch.tensor(self.groups.offsets)
-        d_sparsity = self.y * by_rank[offsets + torch.minimum(torch.tensor(ks), self.sizes.long() - 1)]
-        d_resource = [[0.0] * len(RESOURCES) for _ in self.layers]
-        for i, (layer, k) in enumerate(zip(self.layers, ks, strict=True)):
-            if k + 1 <= layer.size - 1:
-                after = self.resource.evaluate(profiles, [*ks[:i], k + 1, *ks[i + 1 :]])
-                d_resource[i] = [a - b for a, b in zip(after, now, strict=True)]
-        self.u = self._adam.step(self.u, (d_sparsity + torch.tensor(d_resource) @ self.z) * self.sizes)
+        # 2. s: straight-through gradient, Adam step (per layer in Python numbers: a few, and cheaper so)
+        firsts = [
+            o + min(k, n.size - 1) for o, k, n in zip(self.groups.offsets, ks, self.layers, strict=True)
+        ]
+        nexts = by_rank[firsts].tolist()  # the (ceil(s) + 1)-th smallest group of each layer
+        grad = []
+        for layer, y, smallest, after in zip(self.layers, ys, nexts, afters, strict=True):
+            d = y * smallest + sum(z * (a - b) for z, a, b in zip(zs, after, now, strict=True))
+            grad.append(d * layer.size)
+        self.u = self._adam.step(self.u, torch.tensor(grad))
         self.u.clamp_(min=torch.zeros_like(self.sizes), max=(self.sizes - 1) / self.sizes)
         # 3. y: squared norm of the ceil(s) smallest groups of the new weights
         smallest = self._rank < torch.tensor(self.counts())[self._layer_of]
@@ -294,6 +300,23 @@ class UMECPruner(PrunerBase):
         self.z = (self.z + cfg.eta4 * excess).clamp(min=0)
         if self.steps % cfg.record_every == 0:
             self._record(ks, resources)
+
+    def _costs(
+        self, ks: list[int], profiles: list[Profile]
+    ) -> tuple[tuple[float, ...], list[tuple[float, ...]]]:
+        """R at ``ceil(s)``, and with one group more removed from each layer (``R`` itself where the layer
+        can lose no more); reused while ``ceil(s)`` and the removal profiles stay, which is most steps."""
+        last = self._last_costs
+        if last is None or last[0] != ks or any(a is not b for a, b in zip(last[1], profiles, strict=True)):
+            now = self.resource.evaluate(profiles, ks)
+            afters = [
+                self.resource.evaluate(profiles, [*ks[:i], k + 1, *ks[i + 1 :]])
+                if k + 1 < layer.size
+                else now
+                for i, (layer, k) in enumerate(zip(self.layers, ks, strict=True))
+            ]
+            self._last_costs = last = (ks, profiles, now, afters)
+        return last[2], last[3]
 
     def _record(self, ks: list[int], resources: torch.Tensor) -> None:
         self.history.append(

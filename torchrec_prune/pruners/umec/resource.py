@@ -111,16 +111,21 @@ class ResourceModel:
         nothing = self.profiles([torch.arange(layer.size) for layer in self.layers])
         self.dense_flops, self.dense_bytes = self.absolute(nothing, [0] * len(self.layers))
 
-    def profiles(self, orders: Sequence[torch.Tensor]) -> list[Profile]:
-        """Removal profiles of every layer when its groups are removed in ``orders[l]`` order (a layer's
-        last profile is reused while its order stays: groups seldom change places from step to step)."""
+    def profiles(self, orders: Sequence[torch.Tensor], upto: Sequence[int] | None = None) -> list[Profile]:
+        """Removal profiles of every layer when its groups are removed in ``orders[l]`` order.
+
+        With ``upto``, a profile need only hold for removing at most ``upto[l]`` groups: a layer's last
+        profile is then reused while its first ``upto[l]`` groups stay the same (UMEC's step costs
+        ``ceil(s)`` and ``ceil(s) + 1`` removals, and the smallest groups seldom change places).
+        """
         out = []
         for i, (layer, members, order, fixed) in enumerate(
             zip(self.layers, self._members, orders, self._fixed, strict=True)
         ):
             if fixed is None:
+                n = len(order) if upto is None else upto[i]
                 last = self._last[i]
-                if last is None or not torch.equal(last[0], order):
+                if last is None or not torch.equal(last[0][:n], order[:n]):
                     self._last[i] = last = (order, self._profile(layer, members, order))
                 fixed = last[1]
             out.append(fixed)
