@@ -175,6 +175,21 @@ def test_exact_adagrad_state_of_regrown_columns_is_reset(ranks: list[dict[str, A
     assert steps == pytest.approx([worker.LR] * len(steps), rel=1e-3)
 
 
+def test_compacted_layers_train_like_masked_ones_on_two_ranks(ranks: list[dict[str, Any]]) -> None:
+    # Half the neurons of the two prunable layers closed; after 2 steps, 4 compacted steps and 2 steps
+    # after expanding, losses, weights, masks and dense optimizer state equal the masked run's exactly.
+    for result in ranks:
+        compact = result["compact"]
+        assert compact["losses"]["compacted"] == compact["losses"]["masked"]
+        assert compact["differing_after"] == [] and compact["shapes_during"] == []
+        assert compact["shapes"]["_dmp_wrapped_module.module.model.dense_arch.model._mlp.0._linear"] == [
+            8,
+            13,
+        ]
+        assert compact["shapes"]["_dmp_wrapped_module.module.model.over_arch.model.1"] == [1, 8]
+    assert ranks[0]["compact"]["losses"] != ranks[1]["compact"]["losses"]  # each rank its own batches
+
+
 def test_two_rank_checkpoint_loads_into_a_single_process_model(
     ranks: list[dict[str, Any]], run_dir: Path
 ) -> None:

@@ -241,7 +241,11 @@ def _cmd_grow_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
     from torchrec_prune.schedules.phases import scheme
 
     config = GrowPruneConfig(
-        plan=scheme(_SCHEMES[args.scheme]), beta=args.beta, window_steps=args.window_steps, seed=args.seed
+        plan=scheme(_SCHEMES[args.scheme]),
+        beta=args.beta,
+        window_steps=args.window_steps,
+        seed=args.seed,
+        compact=not args.no_compact,
     )  # checks beta and the importance window
     extra = {"grow_prune": {"scheme": args.scheme, "beta": args.beta, "window_steps": args.window_steps}}
 
@@ -398,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--scheme", choices=tuple(_SCHEMES), default="alternate")
     grow.add_argument("--beta", type=float, default=0.7, help="fraction of neurons pruned in sparse phases")
     grow.add_argument("--window-steps", type=int, default=50, help="batches of Taylor importance")
+    grow.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="train sparse phases with the masked forward instead of compacted layers (same results, slower)",
+    )
     grow.set_defaults(func=_cmd_grow_prune)
 
     d2s = sub.add_parser(

@@ -41,8 +41,11 @@ from torchrec_prune.masks import (
     prune_,
     wrap,
 )
+from torchrec_prune.masks.compact import compact_, compacted_layers, expand_, expanded
 from torchrec_prune.masks.surgery import fused_state_blocks
 from torchrec_prune.models.dlrm import DLRMConfig, build_dlrm
+from torchrec_prune.pruners.structured import neuron_successors, prune_neurons
+from torchrec_prune.train.replica import Replica, copy_replica_
 
 CONFIG = DLRMConfig(num_sparse=4, num_embeddings=100, embedding_dim=8, dense_arch=[16, 8], over_arch=[16, 1])
 OTHER_CONFIG = DLRMConfig(
@@ -336,6 +339,63 @@ def check_adagrad_reset(device: torch.device, generator: torch.Generator) -> dic
     return {"reset_entries": reset, "other_state_nonzero": other_nonzero, "first_steps": steps}
 
 
+def train_on(sharded: ShardedModel, batches: list[Batch]) -> list[float]:
+    losses = []
+    for batch in batches:
+        sharded.optimizer.zero_grad()
+        loss, _ = sharded.model(batch)
+        loss.backward()
+        sharded.optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+def dense_state(sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    """Every replicated (DDP) tensor of the model and of the dense optimizer, by name."""
+    out = {
+        k: v
+        for k, v in sharded.model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not isinstance(v, ShardedTensor)
+    }
+    for key, state in sharded.optimizer.state_dict()["state"].items():
+        out.update({f"opt.{key}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def check_compact(device: torch.device, generator: torch.Generator) -> dict[str, Any]:
+    """Compacted layers (DDP rebuilt on both ranks, both ways) train exactly like the masked ones."""
+    batches = [make_batch(generator) for _ in range(8)]
+    masked, compacted = (build(CONFIG, sharding_config("adagrad"), device) for _ in range(2))
+    copy_replica_(Replica(compacted.model, [compacted.optimizer]), Replica(masked.model, [masked.optimizer]))
+    losses: dict[str, list[float]] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, sharded in (("masked", masked), ("compacted", compacted)):
+        losses[name] = train_on(sharded, batches[:2])
+        modules = dict(sharded.model.named_modules())
+        scores = {
+            f: torch.arange(modules[f].out_features, dtype=torch.float)
+            for f in neuron_successors(sharded.model)
+        }
+        prune_neurons(sharded.model, 0.5, scores, [sharded.optimizer])
+        if name == "compacted":
+            compact_(sharded.model, [sharded.optimizer])
+            shapes = {f: list(m.weight.shape) for f, m in compacted_layers(sharded.model).items()}
+        losses[name] += train_on(sharded, batches[2:6])
+    with expanded(compacted.model):
+        during = dense_state(compacted)
+    expand_(compacted.model)
+    for name, sharded in (("masked", masked), ("compacted", compacted)):
+        losses[name] += train_on(sharded, batches[6:])
+    reference = dense_state(masked)
+    after = dense_state(compacted)
+    return {
+        "losses": losses,
+        "shapes": shapes,
+        "differing_after": [k for k in reference if not torch.equal(reference[k], after[k])],
+        "shapes_during": sorted({k for k in during if during[k].shape != after[k].shape}),
+    }
+
+
 def run(out: dict[str, Any], ckpt: Path) -> None:
     device = init_distributed(backend="gloo")
     torch.manual_seed(dist.get_rank())
@@ -347,6 +407,7 @@ def run(out: dict[str, Any], ckpt: Path) -> None:
     out["checkpoint"] = check_checkpoint(sharded, keys, ckpt, device, generator)
     out["mismatch"] = check_mismatch(ckpt, device)
     out["adagrad_reset"] = check_adagrad_reset(device, generator)
+    out["compact"] = check_compact(device, generator)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ change, as far as the fused kernel allows (see ``set_embedding_masks_``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fused_embeddingbag import FusedEmbeddingBagCollectionSharder
@@ -392,6 +394,33 @@ def shard(
     lr = config.lr if config.dense_lr is None else config.dense_lr
     optimizer = KeyedOptimizerWrapper(dense, lambda params: optimizer_cls(params, lr=lr))
     return ShardedModel(model=dmp, optimizer=optimizer, plan=plan)
+
+
+def rebuild_data_parallel(model: nn.Module) -> None:
+    """Wrap the dense part of every DMP in ``model`` in a new DDP, after its parameters changed shape.
+
+    DDP sizes its gradient buckets by the parameters it was built over, and its reducer keeps each
+    parameter's gradient accumulator alive, which checks gradients against the shape it was created
+    with: the old reducer is dropped (and collected) before the new DDP asks for the accumulators. The
+    parameters are the same objects, so the dense optimizer stays valid. Collective: every rank rebuilds
+    at the same step. A DMP without DDP (one rank) is left as it is.
+    """
+    rebuilt = []
+    for dmp in model.modules():
+        if isinstance(dmp, DistributedModelParallel) and isinstance(
+            dmp._dmp_wrapped_module, DistributedDataParallel
+        ):
+            old = dmp._dmp_wrapped_module
+            dmp._dmp_wrapped_module = old.module
+            dmp._ddp_wrapped = False
+            for name in ("reducer", "logger"):  # the old DDP may live on in a caller's module dict
+                if hasattr(old, name):
+                    delattr(old, name)
+            rebuilt.append(dmp)
+    if rebuilt:
+        gc.collect()  # DDP holds reference cycles: its reducer may go only with a collection
+    for dmp in rebuilt:
+        dmp.init_data_parallel()
 
 
 def plan_by_table(plan: ShardingPlan) -> dict[str, TableSharding]:

@@ -7,11 +7,14 @@ change or a load leaves it all open (see ``MaskedLinear.element_mask``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchrec_prune.masks.compact import CompactLayer
 
 
 class MaskedLinear(nn.Linear):
@@ -25,7 +28,8 @@ class MaskedLinear(nn.Linear):
     When neurons are masked (rows of this layer) or inputs are masked (``input_mask``, set when the
     previous layer's neurons are pruned), the forward gathers the active sub-matrix and runs the smaller
     matmul, then scatters the kept outputs back into a full-width tensor of zeros: structured sparsity
-    saves real time.
+    saves real time. While masks stay put, ``torchrec_prune.masks.compact.compact_`` makes the layer hold
+    and train its kept block only (``compacted``), which saves more.
 
     ``weight_mask`` reads like a buffer (``layer.weight_mask[0, 1] = False`` works) but is held only while
     some element is closed: reading the attribute allocates it, ``set_masks_`` and ``load_state_dict``
@@ -68,15 +72,21 @@ class MaskedLinear(nn.Linear):
         # weight.grad (= g * mask) hides: with the flag on, backward stores it in ``effective_grad``.
         self.capture_effective_grad = False
         self.effective_grad: torch.Tensor | None = None
+        # Set while the layer trains its kept block only (``torchrec_prune.masks.compact``).
+        self.compacted: CompactLayer | None = None
         self._register_load_state_dict_pre_hook(_load_masks, with_module=True)
 
     def __getattr__(self, name: str) -> Any:
         buffers = self.__dict__.get("_buffers")
         if name == "weight_mask" and buffers is not None and "weight_mask" in buffers:
             if buffers["weight_mask"] is None:  # a caller may write it: hold a real mask from now on
-                buffers["weight_mask"] = torch.ones_like(self.weight, dtype=torch.bool)
+                buffers["weight_mask"] = self._open_element_mask()
             return buffers["weight_mask"]
         return super().__getattr__(name)
+
+    def _open_element_mask(self) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)  # the weight's, also while compacted
+        return torch.ones(shape, dtype=torch.bool, device=self.weight.device)
 
     def element_mask(self) -> torch.Tensor | None:
         """The element mask if one is held, ``None`` when every element is open (allocates nothing)."""
@@ -103,9 +113,13 @@ class MaskedLinear(nn.Linear):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.compacted is not None:  # checkpoints always hold the full layer
+            destination[prefix + "weight"] = self.full_weight()
+            if self.bias is not None:
+                destination[prefix + "bias"] = self._full(self.compacted.full_bias, self.bias)
         if self.element_mask() is None:  # the key every checkpoint has, in its place before the others
             tail = {k: destination.pop(prefix + k) for k in ("neuron_mask", "input_mask")}
-            destination[prefix + "weight_mask"] = torch.ones_like(self.weight, dtype=torch.bool)
+            destination[prefix + "weight_mask"] = self._open_element_mask()
             destination.update({prefix + k: v for k, v in tail.items()})
 
     @classmethod
@@ -137,9 +151,19 @@ class MaskedLinear(nn.Linear):
                     buf.fill_(True)
 
     # ----------------------------------------------------------------------------------------------
+    def full_weight(self) -> torch.Tensor:
+        """The weight at full size, also while compacted (then a new tensor)."""
+        return self.weight if self.compacted is None else self._full(self.compacted.full_weight, self.weight)
+
+    def _full(self, held: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+        assert held is not None and self.compacted is not None
+        full = held.detach().clone()
+        self.compacted.put_back(full, block.detach())
+        return full
+
     def effective_weight(self) -> torch.Tensor:
         """Dense weight with every mask applied (pruned entries are exact zeros)."""
-        return self.weight * self.kept_mask()
+        return self.full_weight() * self.kept_mask()
 
     def effective_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias * self.neuron_mask
@@ -167,6 +191,13 @@ class MaskedLinear(nn.Linear):
         return rows, cols
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        compact = self.compacted
+        if compact is not None:  # the kept block only, narrow input and output where the chain allows
+            x = input.index_select(-1, compact.cols) if compact.gather_input else input
+            out = F.linear(x, self.weight, self.bias)
+            if not compact.scatter_output:
+                return out
+            return out.new_zeros(*out.shape[:-1], self.out_features).index_copy(-1, compact.rows, out)
         structured, elementwise, rows, cols = self._structure()
         weight = self.weight
         element = self.element_mask()
@@ -205,6 +236,11 @@ def _load_masks(
     """Load-state-dict pre-hook. A state dict with the weight but none of the masks is a plain Linear's:
     its masks load open (one or two masks missing stays an error under ``strict``). An all-open element
     mask is not held; any other is loaded into a held one."""
+    if module.compacted is not None:
+        raise RuntimeError(
+            f"{prefix.rstrip('.') or 'MaskedLinear'}: cannot load into a compacted layer; expand it first "
+            "(torchrec_prune.masks.compact.expand_)"
+        )
     names = ("weight_mask", "neuron_mask", "input_mask")
     if prefix + "weight" in state_dict and not any(prefix + k in state_dict for k in names):
         for name in names[1:]:

@@ -43,6 +43,11 @@ def set_linear_masks_(
     unknown = set(masks) - set(_LINEAR_MASKS)
     if unknown:
         raise ValueError(f"{name}: unknown masks {sorted(unknown)}; expected some of {_LINEAR_MASKS}")
+    if layer.compacted is not None:
+        raise RuntimeError(
+            f"{name}: masks of a compacted layer cannot change; expand it first "
+            "(torchrec_prune.masks.compact.expand_)"
+        )
     optimizers = list(optimizers)
     before_w = _linear_keep(layer)
     before_b = layer.neuron_mask.clone()
@@ -205,6 +210,8 @@ def apply_masks_(model: nn.Module) -> None:
     """Make every masked weight an exact zero (after a load, or after an optimizer that ignores grads)."""
     for _, module in masked_modules(model):
         if isinstance(module, MaskedLinear):
+            if module.compacted is not None:
+                continue  # it holds its kept block only
             module.weight.mul_(_linear_keep(module))  # biases of closed neurons are kept (set_linear_masks_)
         else:
             for table, block, col0, _ in embedding_weight_blocks(module):

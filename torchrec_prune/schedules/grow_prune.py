@@ -2,7 +2,9 @@
 
 Entering a sparse phase prunes, in every neuron-prunable layer, the ``beta`` fraction of neurons with the
 lowest Taylor importance averaged over the ``window_steps`` batches just before the phase. Leaving it
-re-opens them at exactly zero with fresh optimizer state (``grow_neurons``). A plan that starts sparse
+re-opens them at exactly zero with fresh optimizer state (``grow_neurons``). While a sparse phase runs, its
+layers train their kept blocks only (``compact``, on by default): the same numbers as the masked forward,
+at the cost of a model of the kept sizes. A plan that starts sparse
 (grow-only) has no trained model to score, so its first mask is drawn at random (seeded): at
 initialisation the weights are random and Taylor scores rank neurons by noise, and a random small
 network is the seed that growth-only schemes start from.
@@ -31,6 +33,7 @@ from torchrec.datasets.utils import Batch
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.importance.neuron import NeuronTaylor
 from torchrec_prune.importance.state import check_keys, check_shapes
+from torchrec_prune.masks.compact import compact_, expand_
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.metrics.writer import MetricsWriter
 from torchrec_prune.pruners.structured import grow_neurons, neuron_successors, prune_neurons
@@ -59,6 +62,8 @@ class GrowPruneConfig:
         seed: seed of the random first mask of a plan that starts sparse.
         targets: candidate layers; only layers whose neurons can be pruned (see ``neuron_successors``) are
             used, never the output layer.
+        compact: train sparse phases on physically smaller layers (``torchrec_prune.masks.compact``);
+            off, the masked forward gathers the kept block every step (same results, slower).
     """
 
     plan: PhasePlan
@@ -66,8 +71,11 @@ class GrowPruneConfig:
     window_steps: int = 50
     seed: int = 0
     targets: Targets = field(default_factory=Targets)
+    compact: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compact, bool):
+            raise ValueError(f"GrowPruneConfig.compact must be a bool, got {self.compact!r}")
         if not isinstance(self.plan, PhasePlan):
             raise ValueError(f"GrowPruneConfig.plan must be a PhasePlan, got {type(self.plan).__name__}")
         if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float)) and 0 < self.beta < 1):
@@ -193,6 +201,7 @@ class GrowPruneSchedule(BaseHook):
         self.phases: list[PhaseRecord] = []
         self._batch_start = 0  # stream position of the current batch
         self._clock: tuple[float, float] | None = None
+        self._compacted = False
 
     # --------------------------------------------------------------------------------------------
     def before_batch(self, ctx: StepContext) -> None:
@@ -201,6 +210,11 @@ class GrowPruneSchedule(BaseHook):
         self._batch_start = ctx.position
         while len(self.phases) < len(self.bounds) and self._batch_start >= self.bounds[len(self.phases)][0]:
             self._enter(len(self.phases))
+        if self.config.compact and not self._compacted and self.phases[-1].kind == SPARSE:
+            started = time.perf_counter()  # entering the phase, or resuming inside it
+            compact_(self.model, self.optimizers)
+            self._compacted = True
+            self.phases[-1].transition_seconds += time.perf_counter() - started
         self._clock = (time.perf_counter(), time.process_time())
 
     def before_step(self, ctx: StepContext) -> None:
@@ -251,8 +265,14 @@ class GrowPruneSchedule(BaseHook):
         self._batch_start = state["batch_start"]
         self.scorer.load_state_dict(state["scorer"])
 
+    def finish(self) -> None:
+        """Give compacted layers their full size back (the model then holds what it trained); collective."""
+        if self._compacted:
+            expand_(self.model)
+            self._compacted = False
+
     def _layer_shapes(self) -> dict[str, list[int]]:
-        return {fqn: list(layer.weight.shape) for fqn, layer in self.layers.items()}
+        return {fqn: [layer.out_features, layer.in_features] for fqn, layer in self.layers.items()}
 
     # --------------------------------------------------------------------------------------------
     def _in_importance_window(self) -> bool:
@@ -273,6 +293,7 @@ class GrowPruneSchedule(BaseHook):
             kept = prune_neurons(self.model, self.config.beta, importances, self.optimizers)
             self.scorer.reset()
         elif index > 0:
+            self.finish()
             grow_neurons(self.model, self.optimizers, fqns=list(self.layers))
         start, end = self.bounds[index]
         self.phases.append(
@@ -381,4 +402,5 @@ def run_grow_prune(
         forward_fn=forward_fn,
     )
     run = trainer.run(stream)
+    schedule.finish()
     return GrowPruneResult(config.plan.name, run, schedule.phases, trainer.flops.phase_totals())

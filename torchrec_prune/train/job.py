@@ -18,6 +18,7 @@ under torchrun a rank that stops answering ends the job after ``timeout`` second
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from torchrec_prune.distributed.run_checkpoint import (
     check_world_size,
 )
 from torchrec_prune.masks import wrap
+from torchrec_prune.masks.compact import expand_, expanded
 from torchrec_prune.metrics.writer import MetricsWriter, write_text_atomic
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
@@ -492,6 +494,7 @@ def _train(
     try:
         result = trainer.run(stream)
         result.wall_seconds = time.perf_counter() - start
+        expand_(replica.model)  # a run that ends in a compacted sparse phase (prune-only) ends full size
     except NonFiniteError as e:
         raise NonFiniteError(f"{e}{_kept(checkpointer)}") from None
     finally:
@@ -523,7 +526,10 @@ def save_run_checkpoint(
             raise NonFiniteError(f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}")
     started = time.perf_counter()
     manifest = {"config": prepared.settings, "num_rows": prepared.stream.num_rows}
-    path = checkpointer.save(position, replicas, state, manifest)
+    with contextlib.ExitStack() as full_size:  # a compacted sparse phase saves its full layers
+        for replica in replicas.values():
+            full_size.enter_context(expanded(replica.model))
+        path = checkpointer.save(position, replicas, state, manifest)
     logger.info("run checkpoint at row %d: %s", position, path)
     return time.perf_counter() - started
 

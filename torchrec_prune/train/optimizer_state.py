@@ -8,7 +8,9 @@ left alone; bias correction then treats regrown entries as if they had seen ``st
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +24,38 @@ def _initial_value(key: str, group: dict) -> float:
     return 0.0
 
 
+@dataclass(frozen=True)
+class ElementState:
+    """One per-element state tensor of a parameter: ``holder[key]`` of one optimizer, and the value a
+    fresh entry starts from."""
+
+    optimizer: int
+    holder: dict[str, Any]
+    key: str
+    initial: float
+
+
+def element_states(
+    optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor, shape: torch.Size | None = None
+) -> list[ElementState]:
+    """The per-element state tensors of ``param`` (those of ``shape``, default the parameter's)."""
+    shape = param.shape if shape is None else shape
+    out = []
+    for index, optimizer in enumerate(optimizers):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+        for key, value in state.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == shape
+                and (key in _ZERO_STATE or key == "sum")
+            ):
+                out.append(ElementState(index, state, key, _initial_value(key, group)))
+    return out
+
+
 def reset_state_(
     optimizers: Iterable[torch.optim.Optimizer], param: torch.Tensor, where: torch.Tensor
 ) -> int:
@@ -29,21 +63,12 @@ def reset_state_(
 
     Returns the number of state tensors touched, summed over optimizers.
     """
-    touched = 0
-    for optimizer in optimizers:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.shape != param.shape:
-                continue
-            if key not in _ZERO_STATE and key != "sum":
-                continue
-            with torch.no_grad():
-                value.masked_fill_(where.expand_as(value), _initial_value(key, group))
-            touched += 1
-    return touched
+    entries = element_states(list(optimizers), param)
+    with torch.no_grad():
+        for entry in entries:
+            value = entry.holder[entry.key]
+            value.masked_fill_(where.expand_as(value), entry.initial)
+    return len(entries)
 
 
 def keep_pruned_zero(
