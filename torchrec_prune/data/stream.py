@@ -279,6 +279,8 @@ def gather_rows(parts: Sequence[tuple[Batch, int, int]]) -> Batch:
 
         gather_rows([(a, 96, 128), (b, 0, 32)])  # the last 32 rows of a, then the first 32 of b
     """
+    if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].labels.numel():
+        return parts[0][0]  # a whole batch of the source, as it is (no copy)
     keys = list(parts[0][0].sparse_features.keys())
     weighted = parts[0][0].sparse_features.weights_or_none() is not None
     per_key: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in keys]
