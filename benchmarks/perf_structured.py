@@ -1,9 +1,10 @@
 """How much of the FLOPs saving of neuron pruning turns into time, on the reference DLRM's two MLPs.
 
-For each batch size and beta (fraction of every hidden layer's neurons pruned; output layers kept) three
+For each batch size and beta (fraction of every hidden layer's neurons pruned; output layers kept) four
 arms train the bottom MLP (13-256-128-64-4) and the top MLP (355-256-128-1) side by side, interleaved:
 - ``dense``: ``MaskedLinear`` layers with every mask open (the baseline);
 - ``masked``: the same with the neurons closed by ``prune_`` (gather/scatter forward, the fallback);
+- ``compacted``: the masked layers after ``compact_`` (what a sparse phase of grow/prune trains);
 - ``plain_kept``: plain ``nn.Linear`` layers of the kept sizes (the limit a compacted phase can reach).
 A step is forward, backward and an Adagrad step. ``realized = time saving / FLOPs saving``.
 
@@ -23,6 +24,7 @@ from perf_common import OUT, interleave, write_results
 from torch import nn
 
 from torchrec_prune.masks import MaskedLinear, prune_
+from torchrec_prune.masks.compact import compact_
 from torchrec_prune.train.flops import fc_flops
 
 BOTTOM = [13, 256, 128, 64, 4]
@@ -75,6 +77,10 @@ def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
     masked = [mlp(BOTTOM, MaskedLinear), mlp(TOP, MaskedLinear)]
     for model, sizes in zip(masked, (BOTTOM, TOP), strict=True):
         prune_neurons(model, sizes, beta)
+    compacted = [mlp(BOTTOM, MaskedLinear), mlp(TOP, MaskedLinear)]
+    for model, sizes in zip(compacted, (BOTTOM, TOP), strict=True):
+        prune_neurons(model, sizes, beta)
+        compact_(model)  # before its optimizer exists: the optimizer state starts at the kept sizes
     plain = [mlp(kept(BOTTOM, beta), nn.Linear), mlp(kept(TOP, beta), nn.Linear)]
     flops_dense = sum(fc_flops(m).training for m in dense)
     flops_saving = 1 - sum(fc_flops(m).training for m in masked) / flops_dense
@@ -82,12 +88,13 @@ def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
         {
             "dense": step_fn(dense, batch, steps),
             "masked": step_fn(masked, batch, steps),
+            "compacted": step_fn(compacted, batch, steps),
             "plain_kept": step_fn(plain, batch, steps),
         },
         rounds,
     )
     out: dict[str, float] = {"batch": batch, "beta": beta, "flops_saving": flops_saving}
-    for arm in ("masked", "plain_kept"):
+    for arm in ("masked", "compacted", "plain_kept"):
         per_round = [1 - a / d for a, d in zip(timings[arm].cpu, timings["dense"].cpu, strict=True)]
         saving = statistics.median(per_round)
         out[f"{arm}_time_saving"] = saving
@@ -107,7 +114,11 @@ def plot(rows: list[dict[str, float]]) -> None:
     for ax, batch in zip(axes, sorted({r["batch"] for r in rows}), strict=False):
         mine = [r for r in rows if r["batch"] == batch]
         betas = [r["beta"] for r in mine]
-        for arm, label in (("masked", "masked (gather/scatter)"), ("plain_kept", "plain layers, kept sizes")):
+        for arm, label in (
+            ("masked", "masked (gather/scatter)"),
+            ("compacted", "compacted (grow/prune's sparse phases)"),
+            ("plain_kept", "plain layers, kept sizes"),
+        ):
             ax.plot(betas, [r[f"{arm}_realized"] for r in mine], marker="o", label=label)
         ax.axhline(0.7, color="grey", linestyle="--", label="target 0.7")
         ax.axhline(0.0, color="black", linewidth=0.5)
@@ -133,7 +144,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"batch {batch} beta {beta}: FLOPs saving {row['flops_saving']:.3f}, realized masked "
-                f"{row['masked_realized']:.2f}, plain kept {row['plain_kept_realized']:.2f}"
+                f"{row['masked_realized']:.2f}, compacted {row['compacted_realized']:.2f}, "
+                f"plain kept {row['plain_kept_realized']:.2f}"
             )
     path = write_results("perf_structured", {"args": vars(args), "rows": rows})
     plot(rows)
