@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from pruning_common import RESULTS, markdown_table, setup_process  # noqa: E402
 from torch import nn  # noqa: E402
+from umec_common import write_page  # noqa: E402
 
 import torchrec_prune as tp  # noqa: E402
 from torchrec_prune.data import open_stream  # noqa: E402
@@ -325,7 +326,7 @@ def write(runs: list[dict[str, object]], args: argparse.Namespace, seconds: floa
         "![allocation](umec_allocation.png)",
         "",
     ]
-    (RESULTS / "umec.md").write_text("\n".join(md))
+    write_page(RESULTS / "umec.md", md)
 
 
 def relative_ce(runs, run) -> float:

@@ -6,9 +6,11 @@ attached, its phase longer than the run so it never removes anything; one withou
 from other jobs on the machine falls on both alike. Inference likewise alternates the plain dense DLRM
 and the model exported after UMEC at budget 0.5, in eval mode without gradients.
 
-Writes ``docs/results/umec_overhead.{md,json}``.
+Per line the overhead is the median over rounds of the per-round ratio, with its min-max spread; the
+host's load averages and the UTC time are recorded with it. Writes ``docs/results/umec_overhead.{md,json}``
+(the page's hand-written ``## Reading of this run`` section is kept).
 
-Usage: python benchmarks/umec_overhead.py [--rounds 12] [--steps 20]
+Usage: python benchmarks/umec_overhead.py [--rounds 30] [--steps 20]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import torch
 from pruning_common import RESULTS, markdown_table, setup_process
 from torch import nn
+from umec_common import conditions, write_page
 
 import torchrec_prune as tp
 from torchrec_prune.data import SyntheticStream
@@ -67,8 +70,9 @@ def step_overhead(stream: SyntheticStream, rounds: int, steps: int, **umec: obje
         "base_ms": 1000 * statistics.median(base_times),
         "umec_ms": 1000 * statistics.median(umec_times),
         "overhead_median": statistics.median(ratios),
-        "overhead_mean": statistics.fmean(ratios),
-        "overhead_std": statistics.stdev(ratios),
+        "overhead_min": min(ratios),
+        "overhead_max": max(ratios),
+        "overhead_per_round": ratios,
         "rounds": rounds,
         "steps_per_round": steps,
     }
@@ -104,7 +108,8 @@ def inference(stream: SyntheticStream, rounds: int, reps: int) -> dict[str, obje
         "dense_ms": 1000 * statistics.median(times["dense"]),
         "exported_ms": 1000 * statistics.median(times["exported"]),
         "time_ratio_median": statistics.median(ratios),
-        "time_ratio_std": statistics.stdev(ratios),
+        "time_ratio_min": min(ratios),
+        "time_ratio_max": max(ratios),
         "flops_ratio": flops["exported"] / flops["dense"],
         "allocation": {name: list(v) for name, v in pruner.allocation().items()},
         "rounds": rounds,
@@ -114,11 +119,12 @@ def inference(stream: SyntheticStream, rounds: int, reps: int) -> dict[str, obje
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     setup_process()
     stream = SyntheticStream(40_000, drift=0.0, seed=0)
+    before = conditions()
     lines = {
         "all groups, every step": step_overhead(stream, args.rounds, args.steps),
         "no embedding-dimension groups, every step": step_overhead(
@@ -129,12 +135,15 @@ def main() -> None:
         ),
     }
     infer = inference(stream, args.rounds, 20)
+    after = conditions()
     machine = (
         f"{platform.processor() or platform.machine()}, 1 intra-op thread, 2-core host shared with other jobs"
     )
     out = {
         "machine": machine,
         "torch": torch.__version__,
+        "started": before,
+        "ended": after,
         "step": lines,
         "inference": infer,
     }
@@ -145,7 +154,7 @@ def main() -> None:
             f"{r['base_ms']:.2f}",
             f"{r['umec_ms']:.2f}",
             f"{100 * r['overhead_median']:+.1f}%",
-            f"{100 * r['overhead_mean']:+.1f}% ± {100 * r['overhead_std']:.1f}",
+            f"{100 * r['overhead_min']:+.1f}% .. {100 * r['overhead_max']:+.1f}%",
         ]
         for label, r in lines.items()
     ]
@@ -155,6 +164,8 @@ def main() -> None:
         f"Produced by `benchmarks/umec_overhead.py` on {machine}. Reference DLRM (embedding dim 4, 26 tables",
         "of 10k rows, bottom 256-128-64-4, top 256-128-1), synthetic stream, batch 128 for training.",
         f"Interleaved: {args.rounds} rounds of {args.steps} steps each, the order alternating per round.",
+        f"Run from {before['utc']} to {after['utc']}; load averages (1, 5, 15 min) {before['load_average']}",
+        f"at the start, {after['load_average']} at the end.",
         "",
         "## Training step with UMEC's update vs without",
         "",
@@ -163,25 +174,27 @@ def main() -> None:
                 "UMEC groups",
                 "step, no UMEC (ms)",
                 "step, UMEC (ms)",
-                "overhead (median)",
-                "overhead (mean ± std over rounds)",
+                "overhead (median over rounds)",
+                "overhead (min .. max over rounds)",
             ],
             rows,
         ),
         "",
         "The embedding-dimension groups read every row of every table at each UMEC iteration (their L2",
-        "norms and the proximal step); the second line leaves them out. The third runs one UMEC iteration",
-        "per 4 weight steps (several SGD steps per ADMM iteration).",
+        "norms; the proximal step writes only the shrunk columns); the second line leaves them out. The",
+        "third runs one UMEC iteration per 4 weight steps (`update_every=4`, several SGD steps per ADMM",
+        "iteration; the paper's Algorithm 1, and the default, is one per step).",
         "",
         "## Inference, batch 512, eval mode: exported after UMEC (budget 0.5) vs the dense DLRM",
         "",
         markdown_table(
-            ["dense (ms)", "exported (ms)", "time ratio (median ± std)", "FC FLOPs ratio"],
+            ["dense (ms)", "exported (ms)", "time ratio (median, min .. max)", "FC FLOPs ratio"],
             [
                 [
                     f"{infer['dense_ms']:.2f}",
                     f"{infer['exported_ms']:.2f}",
-                    f"{infer['time_ratio_median']:.3f} ± {infer['time_ratio_std']:.3f}",
+                    f"{infer['time_ratio_median']:.3f} ({infer['time_ratio_min']:.3f} .. "
+                    f"{infer['time_ratio_max']:.3f})",
                     f"{infer['flops_ratio']:.3f}",
                 ]
             ],
@@ -191,8 +204,8 @@ def main() -> None:
         "features and embedding columns.",
         "",
     ]
-    (RESULTS / "umec_overhead.md").write_text("\n".join(md))
-    print("\n".join(md))
+    write_page(RESULTS / "umec_overhead.md", md)
+    print((RESULTS / "umec_overhead.md").read_text())
 
 
 if __name__ == "__main__":
