@@ -11,16 +11,12 @@ READING = "## Reading of this run"
 
 
 def reading_of(path: Path) -> list[str]:
-    """The hand-written ``## Reading of this run`` section of the page at ``path`` (up to the next
-    second-level heading), or nothing: a rerun keeps it for its author to revise."""
+    """The hand-written end of the page at ``path``: from its ``## Reading of this run`` heading on (the
+    generated part comes before it), or nothing; a rerun keeps it for its author to revise."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    if READING not in lines:
-        return []
-    start = lines.index(READING)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return lines[start:end]
+    return lines[lines.index(READING) :] if READING in lines else []
 
 
 def write_page(path: Path, lines: Sequence[str]) -> None:
