@@ -179,3 +179,19 @@ def test_state_dict_round_trip_continues_identically():
     other = UMECPruner(wrapped_mlp([4, 6, 5, 1]), UMECConfig(budget=0.5))
     with pytest.raises(ValueError):
         other.load_state_dict(pruner.state_dict())
+
+
+def test_resource_neighbours_equal_a_full_evaluation():
+    model = dlrm()
+    pruner = UMECPruner(model, UMECConfig(budget=0.5, bytes_budget=0.9))
+    resource, generator = pruner.resource, torch.Generator().manual_seed(0)
+    for _ in range(50):
+        profiles = resource.profiles(
+            [torch.randperm(layer.size, generator=generator) for layer in pruner.layers]
+        )
+        ks = [int(torch.randint(layer.size, (1,), generator=generator)) for layer in pruner.layers]
+        now, afters = resource.around(profiles, ks)
+        assert now == resource.evaluate(profiles, ks)
+        for i, (layer, k) in enumerate(zip(pruner.layers, ks, strict=True)):
+            one_more = [*ks[:i], k + 1, *ks[i + 1 :]]
+            assert afters[i] == (resource.evaluate(profiles, one_more) if k + 1 < layer.size else now)

@@ -308,14 +308,7 @@ class UMECPruner(PrunerBase):
         can lose no more); reused while ``ceil(s)`` and the removal profiles stay, which is most steps."""
         last = self._last_costs
         if last is None or last[0] != ks or any(a is not b for a, b in zip(last[1], profiles, strict=True)):
-            now = self.resource.evaluate(profiles, ks)
-            afters = [
-                self.resource.evaluate(profiles, [*ks[:i], k + 1, *ks[i + 1 :]])
-                if k + 1 < layer.size
-                else now
-                for i, (layer, k) in enumerate(zip(self.layers, ks, strict=True))
-            ]
-            self._last_costs = last = (ks, profiles, now, afters)
+            self._last_costs = last = (ks, profiles, *self.resource.around(profiles, ks))
         return last[2], last[3]
 
     def _record(self, ks: list[int], resources: torch.Tensor) -> None:

@@ -59,6 +59,38 @@ class Profile:
     dead: dict[tuple[str, str], list[bool]]
 
 
+@dataclass
+class _Removal:
+    """Rows and columns removed per Linear, columns per table, and the tables left without a feature."""
+
+    rows: dict[str, int]
+    cols: dict[str, int]
+    dims: dict[tuple[str, str], int]
+    dead: set[tuple[str, str]]
+
+    @classmethod
+    def of(cls, profiles: Sequence[Profile], removed: Sequence[int]) -> _Removal:
+        out = cls({}, {}, {}, set())
+        for profile, k in zip(profiles, removed, strict=True):
+            out.add(profile, k, 0)
+        return out
+
+    def add(self, profile: Profile, k: int, before: int) -> None:
+        """Count ``k`` removed groups of ``profile``'s layer where ``before`` were counted."""
+        for (fqn, axis), counts in profile.linear.items():
+            target = self.rows if axis == "row" else self.cols
+            target[fqn] = target.get(fqn, 0) + counts[k] - counts[before]
+        for key in profile.dims:
+            self.dims[key] = self.dims.get(key, 0) + k - before
+        self.dead |= {key for key, gone in profile.dead.items() if gone[k]}
+
+    def plus(self, profile: Profile, k: int) -> _Removal:
+        """A copy with one more group of ``profile``'s layer removed (``k`` were)."""
+        out = _Removal(dict(self.rows), dict(self.cols), dict(self.dims), set(self.dead))
+        out.add(profile, k + 1, k)
+        return out
+
+
 class ResourceModel:
     """FLOPs and bytes of ``model`` as a function of per-layer removals.
 
@@ -89,6 +121,8 @@ class ResourceModel:
                 self.tables.append(
                     _Table(fqn, config.name, config.num_embeddings, config.embedding_dim, size)
                 )
+        self._linear = {lin.fqn: lin for lin in self.linears}
+        self._table = {(t.ebc, t.name): t for t in self.tables}
         # per layer, per (Linear, axis): membership [groups, width] where groups share entries, else
         # the entries each group holds; a layer whose groups hold equal disjoint shares (neurons, the
         # common dimension) has a profile that does not depend on the order, computed once
@@ -159,27 +193,47 @@ class ResourceModel:
 
     def absolute(self, profiles: Sequence[Profile], removed: Sequence[int]) -> tuple[int, int]:
         """Per-sample forward FLOPs and parameter bytes with ``removed[l]`` groups of layer ``l`` gone."""
-        rows: dict[str, int] = {}
-        cols: dict[str, int] = {}
-        dims: dict[tuple[str, str], int] = {}
-        dead: set[tuple[str, str]] = set()
-        for profile, k in zip(profiles, removed, strict=True):
-            for (fqn, axis), counts in profile.linear.items():
-                target = rows if axis == "row" else cols
-                target[fqn] = target.get(fqn, 0) + counts[k]
-            for key in profile.dims:
-                dims[key] = dims.get(key, 0) + k
-            dead |= {key for key, gone in profile.dead.items() if gone[k]}
+        removal = _Removal.of(profiles, removed)
+        return self._cost(removal, self.linears, self.tables)
+
+    def around(
+        self, profiles: Sequence[Profile], removed: Sequence[int]
+    ) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+        """``evaluate`` at ``removed``, and with one more group of each layer ``l`` gone (at ``removed``
+        where the layer can lose no more): what UMEC's straight-through gradient needs, each neighbour
+        costed on the Linears and tables its layer touches only."""
+        removal = _Removal.of(profiles, removed)
+        flops, size = self._cost(removal, self.linears, self.tables)
+        out = []
+        for layer, profile, k in zip(self.layers, profiles, removed, strict=True):
+            if k + 1 >= layer.size:
+                out.append((flops / self.dense_flops, size / self.dense_bytes))
+                continue
+            linears = [self._linear[fqn] for fqn in {fqn for fqn, _ in profile.linear}]
+            tables = [self._table[key] for key in {*profile.dims, *profile.dead}]
+            before = self._cost(removal, linears, tables)
+            after = self._cost(removal.plus(profile, k), linears, tables)
+            out.append(
+                (
+                    (flops + after[0] - before[0]) / self.dense_flops,
+                    (size + after[1] - before[1]) / self.dense_bytes,
+                )
+            )
+        return (flops / self.dense_flops, size / self.dense_bytes), out
+
+    @staticmethod
+    def _cost(removal: _Removal, linears: Sequence[_Linear], tables: Sequence[_Table]) -> tuple[int, int]:
+        """FLOPs and bytes of ``linears`` and ``tables`` after ``removal``."""
         flops = 0
         size = 0
-        for lin in self.linears:
-            i, o = lin.inputs - cols.get(lin.fqn, 0), lin.outputs - rows.get(lin.fqn, 0)
+        for lin in linears:
+            i, o = lin.inputs - removal.cols.get(lin.fqn, 0), lin.outputs - removal.rows.get(lin.fqn, 0)
             flops += 2 * i * o + (o if lin.bias else 0)
             size += (i * o + (o if lin.bias else 0)) * lin.elem_bytes
-        for t in self.tables:
+        for t in tables:
             key = (t.ebc, t.name)
-            if key not in dead:
-                size += t.rows * (t.dim - dims.get(key, 0)) * t.elem_bytes
+            if key not in removal.dead:
+                size += t.rows * (t.dim - removal.dims.get(key, 0)) * t.elem_bytes
         return flops, size
 
     def smallest(self) -> tuple[float, float]:
