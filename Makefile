@@ -35,7 +35,7 @@ test: install
 
 # Performance suite: each script is one command; results land in docs/results/perf_*.json (see
 # docs/performance.md). Timings are CPU and wall time of interleaved arms, one intra-op thread.
-BENCH_SCRIPTS := perf_trainer perf_dmp perf_structured perf_masks denormals
+BENCH_SCRIPTS := perf_trainer perf_dmp perf_structured perf_masks denormals perf_pruners perf_grow_prune
 
 bench: install
 	for script in $(BENCH_SCRIPTS); do $(PY) benchmarks/$$script.py || exit 1; done

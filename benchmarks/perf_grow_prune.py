@@ -5,7 +5,7 @@ reference DLRM over the same stream (a ``BatchStream`` over batches made before 
 arm in the timed pass), one whole pass per round,
 interleaved round by round (A B C D, A B C D, ...):
 - ``plain_dense``: plain TorchRec, tables in a ``FusedEmbeddingBagCollection`` (exact Adagrad in the
-  backward), dense Adagrad for the MLPs, a bare loop;
+  backward), torch's fused Adagrad for the MLPs (as the jobs' DMP replicas), a bare loop;
 - ``dense``: this library's job replica (one DMP rank, fused tables, wrapped layers) and trainer with
   ``PhasePlan.dense()`` (look-ahead windows, FLOPs, the schedule hook);
 - ``alternate``: the same with alternate grow/prune (dense-sparse-dense-sparse-dense, 20% each) at
@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 import torch
 from perf_common import reference_batches, reference_config, write_results
-from perf_trainer import LR, dense_adagrad, fused_dlrm
+from perf_trainer import LR, fused_dlrm
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import one_process_group
@@ -43,7 +44,11 @@ def plain_pass(stream: BatchStream, batch_size: int) -> Callable[[], None]:
     """A fresh plain TorchRec model; the returned call trains it over the stream once."""
     torch.manual_seed(0)
     model = fused_dlrm(reference_config())
-    optimizer = dense_adagrad(model)
+    fused = {
+        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
+    }
+    dense = [p for p in model.parameters() if id(p) not in fused]
+    optimizer = torch.optim.Adagrad(dense, lr=LR, fused=True)  # the fastest dense Adagrad, as the jobs use
 
     def run() -> None:
         for batch in stream.batches(batch_size):  # read as the trainer reads it
