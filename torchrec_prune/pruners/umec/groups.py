@@ -136,11 +136,24 @@ def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module])
     return out
 
 
+@dataclass
+class _Axis:
+    """The rows (``dim`` 0, with the bias) or the columns (``dim`` 1) of one Linear that hold groups:
+    ``groups[entry]`` is the global group of an entry (``GroupMap.size`` for none) where an entry is in
+    one group at most, else the (entry, global group) pairs (DLRM's dot products, each in two feature
+    groups)."""
+
+    dim: int
+    bias: torch.Tensor | None
+    layers: set[int]
+    groups: torch.Tensor | Index
+
+
 class GroupMap:
     """Every group of every layer under one global number (the layers one after the other), and where
     its weights are: the group norms and the proximal step of all layers then take a few operations
     per Linear and table, instead of a dozen per layer and Linear, which cost more than the arithmetic
-    on a small model.
+    on a small model. Weights are held as taken at construction (UMEC's phase replaces none).
 
     Args:
         layers: the group layers.
@@ -159,52 +172,49 @@ class GroupMap:
         sizes = [layer.size for layer in layers]
         self.size = sum(sizes)  # entries of no group point at group `size`: factor 1, norm dropped
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.modules, self.device = modules, device
-        pairs: dict[tuple[str, int], list[Index]] = {}  # (Linear, 0: rows / 1: columns) -> global pairs
-        self.layers_of: dict[tuple[str, int], set[int]] = {}  # (Linear, 0 / 1) -> layers it holds groups of
+        self.device = device
+        pairs: dict[tuple[str, int], list[tuple[int, Index]]] = {}  # (Linear, dim) -> (layer, global pairs)
         # blocks by the global group of their column 0 and their width (all tables of a common dimension)
         self.tables: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.table_groups = (self.size, 0)
         for i, (layer, offset) in enumerate(zip(layers, self.offsets, strict=True)):
             for dim, parts in ((0, layer.rows), (1, layer.cols)):
                 for fqn, (idx, gid) in parts.items():
-                    pairs.setdefault((fqn, dim), []).append((idx, gid + offset))
-                    self.layers_of.setdefault((fqn, dim), set()).add(i)
+                    pairs.setdefault((fqn, dim), []).append((i, (idx, gid + offset)))
             for fqn in layer.tables:
                 for _, block, col0 in blocks[fqn]:
                     self.tables.setdefault((offset + col0, block.shape[1]), []).append(block)
             if layer.tables:  # the global groups that hold table columns
                 lo, hi = self.table_groups
                 self.table_groups = (min(lo, offset), max(hi, offset + layer.size))
-        # an axis whose entries belong to one group at most maps entry -> group; shared entries (DLRM's
-        # dot products, in two feature groups) keep their (entry, group) pairs
-        self.single: dict[tuple[str, int], torch.Tensor] = {}
-        self.shared: dict[tuple[str, int], Index] = {}
+        self.linears: dict[str, tuple[torch.Tensor, list[_Axis]]] = {}  # FQN -> (weight, its axes)
         for (fqn, dim), parts in pairs.items():
-            idx, gid = torch.cat([i for i, _ in parts]), torch.cat([g for _, g in parts])
+            weight, bias = modules[fqn].weight, modules[fqn].bias if dim == 0 else None
+            idx = torch.cat([i for _, (i, _) in parts])
+            gid = torch.cat([g for _, (_, g) in parts])
+            groups: torch.Tensor | Index
             if len(idx.unique()) == len(idx):
-                groups = torch.full((modules[fqn].weight.shape[dim],), self.size)
-                groups[idx] = gid
-                self.single[(fqn, dim)] = groups.to(device)
+                groups = torch.full((weight.shape[dim],), self.size).index_put_((idx,), gid).to(device)
             else:
-                self.shared[(fqn, dim)] = (idx.to(device), gid.to(device))
+                groups = (idx.to(device), gid.to(device))
+            axis = _Axis(dim, bias, {layer for layer, _ in parts}, groups)
+            self.linears.setdefault(fqn, (weight, []))[1].append(axis)
 
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
         """Squared L2 norm of every group (this rank's share of sharded tables), on ``device``."""
         out = torch.zeros(self.size + 1, device=self.device)
-        squares: dict[str, torch.Tensor] = {}
-        for (fqn, dim), groups in [*self.single.items(), *self.shared.items()]:
-            if fqn not in squares:
-                squares[fqn] = self.modules[fqn].weight.float().square()
-            sums = squares[fqn].sum(1 - dim)
-            bias = self.modules[fqn].bias
-            if dim == 0 and bias is not None:
-                sums += bias.float().square()
-            if isinstance(groups, torch.Tensor):
-                out.index_add_(0, groups, sums)
-            else:
-                out.index_add_(0, groups[1], sums[groups[0]])
+        for weight, axes in self.linears.values():
+            squares = weight.float().square()
+            for axis in axes:
+                sums = squares.sum(1 - axis.dim)
+                if axis.bias is not None:
+                    sums += axis.bias.float().square()
+                if isinstance(axis.groups, torch.Tensor):
+                    out.index_add_(0, axis.groups, sums)
+                else:
+                    idx, gid = axis.groups
+                    out.index_add_(0, gid, sums[idx])
         for (first, width), group in self.tables.items():
             out[first : first + width] += torch.stack([b.float().square().sum(0) for b in group]).sum(0)
         return out[:-1]
@@ -220,18 +230,20 @@ class GroupMap:
         """
         factor = torch.cat([factor, torch.ones(1)])
         on_device = factor.to(self.device)
-        for (fqn, dim), groups in [*self.single.items(), *self.shared.items()]:
-            if not self.layers_of[(fqn, dim)] & layers:
-                continue
-            if isinstance(groups, torch.Tensor):
-                scale = on_device[groups]
-            else:  # the product of the factors of an entry's groups
-                scale = torch.zeros(self.modules[fqn].weight.shape[dim], device=self.device)
-                scale = scale.index_add_(0, groups[0], on_device[groups[1]].log()).exp()
-            linear = self.modules[fqn]
-            linear.weight.mul_(scale.unsqueeze(1 - dim).to(linear.weight.dtype))
-            if dim == 0 and linear.bias is not None:
-                linear.bias.mul_(scale.to(linear.bias.dtype))
+        for weight, axes in self.linears.values():
+            for axis in axes:
+                if not axis.layers & layers:
+                    continue
+                if isinstance(axis.groups, torch.Tensor):
+                    scale = on_device[axis.groups]
+                else:  # the product of the factors of an entry's groups
+                    idx, gid = axis.groups
+                    scale = torch.zeros(weight.shape[axis.dim], device=self.device)
+                    scale = scale.index_add_(0, idx, on_device[gid].log()).exp()
+                scale = scale.to(weight.dtype)
+                weight.mul_(scale.unsqueeze(1 - axis.dim))
+                if axis.bias is not None:
+                    axis.bias.mul_(scale)
         lo, hi = self.table_groups
         shrunk = [(g, f) for g, f in enumerate(factor[lo:hi].tolist(), lo) if f != 1.0]
         for (first, width), group in self.tables.items():
