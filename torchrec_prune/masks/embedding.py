@@ -114,7 +114,7 @@ class MaskedEmbeddings(nn.Module):
         every step), so a load, prune or grow invalidates it and the forward pays no host sync while
         masks stay put.
         """
-        masks = (*self.dim_masks._buffers.values(), self._buffers["feature_gate"])
+        masks = (*self._modules["dim_masks"]._buffers.values(), self._buffers["feature_gate"])
         key = (*map(id, masks), *map(_VERSION, masks))
         derived = self._derived_cache
         if derived is None or derived.key != key:

@@ -123,6 +123,7 @@ class LookAheadWindow:
         self.window_size = window_size
         self.max_batch = max_batch
         self._group = process_group
+        self._world_rank: tuple[int, int] | None = None
         # Batches of this rank whose global placement is not known yet (max_batch under a process group).
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._index = 0
@@ -142,8 +143,12 @@ class LookAheadWindow:
         return self._samples
 
     def _world(self) -> tuple[int, int]:
+        if self._world_rank is not None:
+            return self._world_rank
         if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(self._group), dist.get_rank(self._group)
+            # Fixed for the group's life: asked once, not at every update (a few calls into c10d).
+            self._world_rank = dist.get_world_size(self._group), dist.get_rank(self._group)
+            return self._world_rank
         return 1, 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> list[WindowRecord]:

@@ -10,27 +10,33 @@ FLOPs, so it is reported apart as *effective* FLOPs, ``2*nnz(kept weights) + kep
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_module_registration_hook
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from torchrec_prune.masks.linear import MaskedLinear
 
 TRAINING_MULTIPLIER = 3
-_registrations = 0  # child modules registered anywhere in this process (setattr, add_module, register_module)
+_registrations = 0  # child modules and parameters registered (or set to None) anywhere in this process
 
 
-def _count_registration(module: nn.Module, name: str, child: nn.Module | None) -> None:
+def _count_registration(module: nn.Module, name: str, value: nn.Module | nn.Parameter | None) -> None:
     global _registrations
     _registrations += 1
 
 
-# A meter re-walks a model's modules only after a registration (or a change on a cached layer's path).
+# A meter walks a model's modules again (and recounts) only after a registration, e.g. ``model.fc = ...``,
+# ``layer.bias = None`` or a swapped weight, or after a change on a cached layer's path.
 register_module_module_registration_hook(_count_registration)
+register_module_parameter_registration_hook(_count_registration)
 
 
 @dataclass(frozen=True)
@@ -198,11 +204,11 @@ class FlopsSegment:
 class FlopsMeter:
     """Integrate per-sample training FLOPs x samples over a run.
 
-    Per-sample FLOPs are cached until a mask changes: the key holds each FC layer's sizes and each of its
-    buffers' identity and ``_version`` (bumped by every in-place write), so ``add`` costs no host sync
-    while masks stay put. The FC layers themselves are found once per model and found again only after
-    a child module was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's
-    path was removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
+    Per-sample FLOPs are cached until a mask changes: the key holds each FC layer's buffers and their
+    ``_version`` (bumped by every in-place write), so ``add`` costs no host sync while masks stay put.
+    The FC layers themselves are found once per model and found again only after a module or parameter
+    was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's path was
+    removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
 
     Example::
 
@@ -215,6 +221,7 @@ class FlopsMeter:
 
     def __init__(self) -> None:
         self._segments: list[FlopsSegment] = []
+        self._pending = 0  # samples of the last segment not folded into it yet (no dataclass per step)
         self._totals = FlopsTotals()
         self._tree: _FcTree | None = None
         self._cache: _CachedFlops | None = None
@@ -225,14 +232,25 @@ class FlopsMeter:
 
     def _current(self, model: nn.Module) -> _CachedFlops:
         tree = self._tree
-        if tree is None or tree.model is not model or not tree.intact():
+        if tree is None or not tree.intact(model):
             tree = self._tree = _FcTree.walk(model)
-        key = tuple((name, _layer_state(layer)) for name, layer in tree.layers)
+        # Touch as little as possible: this runs every step, after the step evicted the caches.
+        buffers = [buf for layer in tree.layers for buf in layer._buffers.values()]
+        versions = [buf._version for buf in buffers if buf is not None]
         cache = self._cache
-        if cache is None or cache.key != key:
-            report = FlopsReport(tuple(_layer_flops(name, layer) for name, layer in tree.layers))
-            held = [t for _, layer in tree.layers for t in (layer, *layer._buffers.values()) if t is not None]
-            cache = self._cache = _CachedFlops(key, held, report, integrate_phases([(1, report)]))
+        if (
+            cache is None
+            or cache.tree is not tree
+            or len(buffers) != len(cache.buffers)
+            or not all(map(operator.is_, buffers, cache.buffers))
+            or versions != cache.versions
+        ):
+            report = FlopsReport(
+                tuple(_layer_flops(name, layer) for name, layer in zip(tree.names, tree.layers, strict=True))
+            )
+            cache = self._cache = _CachedFlops(
+                tree, buffers, versions, report, integrate_phases([(1, report)])
+            )
         return cache
 
     def add(self, model: nn.Module, num_samples: int, phase: str | None = None) -> None:
@@ -242,9 +260,10 @@ class FlopsMeter:
         current = self._current(model)
         report, unit = current.report, current.unit
         last = self._segments[-1] if self._segments else None
-        if last is not None and last.phase == phase and last.report == report:
-            self._segments[-1] = FlopsSegment(phase, last.samples + num_samples, report)
+        if last is not None and last.phase == phase and (last.report is report or last.report == report):
+            self._pending += num_samples
         else:
+            self._fold()
             self._segments.append(FlopsSegment(phase, num_samples, report))
         t = self._totals  # kept running: the trainer reads the totals every step
         self._totals = FlopsTotals(
@@ -254,8 +273,15 @@ class FlopsMeter:
             t.effective + num_samples * unit.effective,
         )
 
+    def _fold(self) -> None:
+        if self._pending:
+            last = self._segments[-1]
+            self._segments[-1] = FlopsSegment(last.phase, last.samples + self._pending, last.report)
+            self._pending = 0
+
     @property
     def segments(self) -> tuple[FlopsSegment, ...]:
+        self._fold()
         return tuple(self._segments)
 
     @property
@@ -265,13 +291,13 @@ class FlopsMeter:
     def phase_totals(self) -> dict[str | None, FlopsTotals]:
         """Totals per phase label, in order of first appearance; they add up to ``totals``."""
         out: dict[str | None, FlopsTotals] = {}
-        for s in self._segments:
+        for s in self.segments:
             out[s.phase] = out.get(s.phase, FlopsTotals()) + integrate_phases([(s.samples, s.report)])
         return out
 
     def state_dict(self) -> dict[str, Any]:
         """The segments as plain values (the per-sample cache is rebuilt from the live masks)."""
-        return {"segments": [asdict(s) for s in self._segments]}
+        return {"segments": [asdict(s) for s in self.segments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"segments"}:
@@ -280,49 +306,50 @@ class FlopsMeter:
             FlopsSegment(s["phase"], s["samples"], FlopsReport.from_dict(s["report"]))
             for s in state["segments"]
         ]
+        self._pending = 0
         self._totals = integrate_phases((s.samples, s.report) for s in self._segments)
-
-
-def _layer_state(layer: nn.Linear) -> tuple[int, ...]:
-    """What ``_layer_flops`` reads besides mask contents: identity, sizes, bias, and every buffer's
-    identity and in-place version (held by the cache, so an id is not reused while it is keyed)."""
-    state = [id(layer), layer.in_features, layer.out_features, layer._parameters.get("bias") is not None]
-    for buf in layer._buffers.values():
-        state += (0, -1) if buf is None else (id(buf), buf._version)
-    return tuple(state)
 
 
 @dataclass(frozen=True)
 class _FcTree:
-    """A model's FC layers, with every (parent, child name, child) edge on their paths."""
+    """A model's FC layers by name, with every (parent, child name, child) edge on their paths."""
 
     model: nn.Module
     registrations: int
-    layers: list[tuple[str, nn.Linear]]
+    names: tuple[str, ...]
+    layers: tuple[nn.Linear, ...]
     edges: tuple[tuple[nn.Module, str, nn.Module], ...]
 
     @classmethod
     def walk(cls, model: nn.Module) -> _FcTree:
-        layers = _fc_layers(model)
+        named = _fc_layers(model)
         edges: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
-        for name, _ in layers:
+        for name, _ in named:
             parent = model
             for part in name.split(".") if name else ():
                 child = parent._modules[part]
                 edges[id(parent), part] = (parent, part, child)
                 parent = child
-        return cls(model, _registrations, layers, tuple(edges.values()))
+        names, layers = tuple(n for n, _ in named), tuple(m for _, m in named)
+        return cls(model, _registrations, names, layers, tuple(edges.values()))
 
-    def intact(self) -> bool:
-        """No module registered since the walk, and every edge still there (``del`` registers nothing)."""
-        return self.registrations == _registrations and all(
-            parent._modules.get(name) is child for parent, name, child in self.edges
-        )
+    def intact(self, model: nn.Module) -> bool:
+        """Same model, nothing registered since the walk, and every edge still there (``del`` registers
+        nothing)."""
+        if model is not self.model or self.registrations != _registrations:
+            return False
+        for parent, name, child in self.edges:  # a plain loop: this runs every step
+            if parent._modules.get(name) is not child:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
 class _CachedFlops:
-    key: tuple[tuple[str, tuple[int, ...]], ...]
-    held: list[object]  # the keyed layers and buffers: alive, so their ids stay theirs
+    """Per-sample FLOPs of ``tree``'s layers while they hold ``buffers`` at ``versions``."""
+
+    tree: _FcTree
+    buffers: list[torch.Tensor | None]
+    versions: list[int]
     report: FlopsReport
     unit: FlopsTotals  # training FLOPs of one sample
