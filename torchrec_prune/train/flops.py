@@ -17,26 +17,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from torchrec_prune.masks.linear import MaskedLinear
 
 TRAINING_MULTIPLIER = 3
-_registrations = 0  # child modules and parameters registered (or set to None) anywhere in this process
+_registrations = 0  # child modules registered (or set to None) anywhere in this process
 
 
-def _count_registration(module: nn.Module, name: str, value: nn.Module | nn.Parameter | None) -> None:
+def _count_registration(module: nn.Module, name: str, child: nn.Module | None) -> None:
     global _registrations
     _registrations += 1
 
 
-# A meter walks a model's modules again (and recounts) only after a registration, e.g. ``model.fc = ...``,
-# ``layer.bias = None`` or a swapped weight, or after a change on a cached layer's path.
+# A meter walks a model's modules again only after a registration (``model.fc = ...``, ``add_module``)
+# or a change on a cached layer's path.
 register_module_module_registration_hook(_count_registration)
-register_module_parameter_registration_hook(_count_registration)
 
 
 @dataclass(frozen=True)
@@ -204,11 +200,11 @@ class FlopsSegment:
 class FlopsMeter:
     """Integrate per-sample training FLOPs x samples over a run.
 
-    Per-sample FLOPs are cached until a mask changes: the key holds each FC layer's buffers and their
-    ``_version`` (bumped by every in-place write), so ``add`` costs no host sync while masks stay put.
-    The FC layers themselves are found once per model and found again only after a module or parameter
-    was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's path was
-    removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
+    Per-sample FLOPs are cached until a mask changes: the key holds each FC layer's parameters and
+    buffers and the buffers' ``_version`` (bumped by every in-place write), so ``add`` costs no host sync
+    while masks stay put. The FC layers themselves are found once per model and found again only after
+    a module was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's path
+    was removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
 
     Example::
 
@@ -236,20 +232,21 @@ class FlopsMeter:
             tree = self._tree = _FcTree.walk(model)
         # Touch as little as possible: this runs every step, after the step evicted the caches.
         buffers = [buf for layer in tree.layers for buf in layer._buffers.values()]
+        tensors = [p for layer in tree.layers for p in layer._parameters.values()] + buffers
         versions = [buf._version for buf in buffers if buf is not None]
         cache = self._cache
         if (
             cache is None
             or cache.tree is not tree
-            or len(buffers) != len(cache.buffers)
-            or not all(map(operator.is_, buffers, cache.buffers))
+            or len(tensors) != len(cache.tensors)
+            or not all(map(operator.is_, tensors, cache.tensors))
             or versions != cache.versions
         ):
             report = FlopsReport(
                 tuple(_layer_flops(name, layer) for name, layer in zip(tree.names, tree.layers, strict=True))
             )
             cache = self._cache = _CachedFlops(
-                tree, buffers, versions, report, integrate_phases([(1, report)])
+                tree, tensors, versions, report, integrate_phases([(1, report)])
             )
         return cache
 
@@ -346,10 +343,11 @@ class _FcTree:
 
 @dataclass(frozen=True)
 class _CachedFlops:
-    """Per-sample FLOPs of ``tree``'s layers while they hold ``buffers`` at ``versions``."""
+    """Per-sample FLOPs of ``tree``'s layers while they hold ``tensors`` (parameters, then buffers) and
+    the buffers are at ``versions``."""
 
     tree: _FcTree
-    buffers: list[torch.Tensor | None]
+    tensors: list[torch.Tensor | None]
     versions: list[int]
     report: FlopsReport
     unit: FlopsTotals  # training FLOPs of one sample
