@@ -14,7 +14,8 @@ Arms (same batches, batch 128 by default, one intra-op thread):
 
 The best plain TorchRec path is whichever of ``plain_fused`` and ``plain_dmp1`` is faster in the run.
 
-Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top operators instead.
+Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top operators instead,
+``--profile-python ARM`` its top Python functions (cProfile, by own time) over two rounds.
 
     .venv/bin/python benchmarks/perf_trainer.py [--rounds 7] [--steps 40] [--batch-size 128]
 """
@@ -22,7 +23,9 @@ Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top o
 from __future__ import annotations
 
 import argparse
+import cProfile
 import itertools
+import pstats
 import statistics
 from collections.abc import Callable
 
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--profile", default=None, help="print the top operators of this arm")
+    parser.add_argument("--profile-python", default=None, help="print the top Python functions of this arm")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with one_process_group():  # the trainer and plain_dmp1 run on a one-rank group
@@ -173,6 +177,12 @@ def measure(args: argparse.Namespace) -> None:
         with torch.profiler.profile() as prof:
             arms[args.profile]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+    if args.profile_python:
+        arms[args.profile_python]()
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [arms[args.profile_python]() for _ in range(2)])
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         return
     timings = interleave(arms, args.rounds)
     samples = args.batch_size * args.steps
