@@ -51,6 +51,17 @@ def test_meter_walks_the_modules_once_while_the_tree_stays(walks):
     assert report == fc_flops(other)
 
 
+def test_a_registration_elsewhere_walks_again_but_does_not_recount(walks, monkeypatch):
+    model, meter = _mlp(), FlopsMeter()
+    meter.add(model, 8)
+    counted: list[str] = []
+    monkeypatch.setattr(flops_mod, "_layer_flops", lambda name, layer: counted.append(name))
+    nn.Sequential(nn.ReLU())  # registers a child module: any model may have changed
+    meter.add(model, 8)
+    assert len(walks) == 2 and counted == []
+    assert [s.samples for s in meter.segments] == [16]
+
+
 def test_meter_sees_an_in_place_mask_write_at_the_next_add(walks):
     model, meter = _mlp(), FlopsMeter()
     meter.add(model, 8)

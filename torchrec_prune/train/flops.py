@@ -237,7 +237,7 @@ class FlopsMeter:
         cache = self._cache
         if (
             cache is None
-            or cache.tree is not tree
+            or (cache.tree is not tree and (cache.tree.layers, cache.tree.names) != (tree.layers, tree.names))
             or len(tensors) != len(cache.tensors)
             or not all(map(operator.is_, tensors, cache.tensors))
             or versions != cache.versions
