@@ -6,11 +6,12 @@ attached, its phase longer than the run so it never removes anything; one withou
 from other jobs on the machine falls on both alike. Inference likewise alternates the plain dense DLRM
 and the model exported after UMEC at budget 0.5, in eval mode without gradients.
 
-Per line the overhead is the median over rounds of the per-round ratio, with its min-max spread; the
-host's load averages and the UTC time are recorded with it. Writes ``docs/results/umec_overhead.{md,json}``
-(the page's hand-written ``## Reading of this run`` section is kept).
+Per line the overhead is the median over rounds of the per-round ratio, with its quartiles and min-max
+spread; the host's load averages and the UTC time are recorded with it. Writes
+``docs/results/umec_overhead.{md,json}`` (the page's hand-written ``## Reading of this run`` section is
+kept).
 
-Usage: python benchmarks/umec_overhead.py [--rounds 30] [--steps 20]
+Usage: python benchmarks/umec_overhead.py [--rounds 60] [--steps 20]
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def step_overhead(stream: SyntheticStream, rounds: int, steps: int, **umec: obje
         "umec_ms": 1000 * statistics.median(umec_times),
         "overhead_median": statistics.median(ratios),
         "overhead_min": min(ratios),
+        "overhead_quartiles": statistics.quantiles(ratios, n=4)[::2],
         "overhead_max": max(ratios),
         "overhead_per_round": ratios,
         "rounds": rounds,
@@ -119,7 +121,7 @@ def inference(stream: SyntheticStream, rounds: int, reps: int) -> dict[str, obje
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     setup_process()
@@ -154,6 +156,7 @@ def main() -> None:
             f"{r['base_ms']:.2f}",
             f"{r['umec_ms']:.2f}",
             f"{100 * r['overhead_median']:+.1f}%",
+            f"{100 * r['overhead_quartiles'][0]:+.1f}% .. {100 * r['overhead_quartiles'][1]:+.1f}%",
             f"{100 * r['overhead_min']:+.1f}% .. {100 * r['overhead_max']:+.1f}%",
         ]
         for label, r in lines.items()
@@ -175,6 +178,7 @@ def main() -> None:
                 "step, no UMEC (ms)",
                 "step, UMEC (ms)",
                 "overhead (median over rounds)",
+                "middle half of rounds",
                 "overhead (min .. max over rounds)",
             ],
             rows,
