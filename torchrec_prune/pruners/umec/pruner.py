@@ -281,10 +281,10 @@ class UMECPruner(PrunerBase):
             self.groups.shrink_(torch.empty_like(factor).index_put_((order,), factor), active)
             by_rank *= factor.square()
         # 2. s: straight-through gradient, Adam step (per layer in Python numbers: a few, and cheaper so)
-        firsts = [
-            o + min(k, n.size - 1) for o, k, n in zip(self.groups.offsets, ks, self.layers, strict=True)
-        ]
-        nexts = by_rank[firsts].tolist()  # the (ceil(s) + 1)-th smallest group of each layer
+        offsets = self.groups.offsets
+        nexts = by_rank[  # the (ceil(s) + 1)-th smallest group of each layer
+            [o + min(k, layer.size - 1) for o, k, layer in zip(offsets, ks, self.layers, strict=True)]
+        ].tolist()
         grad = []
         for layer, y, smallest, after in zip(self.layers, ys, nexts, afters, strict=True):
             d = y * smallest + sum(z * (a - b) for z, a, b in zip(zs, after, now, strict=True))
