@@ -225,3 +225,18 @@ def test_meter_and_masked_ebc_under_one_rank_dmp(walks):
     assert [s.samples for s in meter.segments] == [64, 32]
     assert meter.segments[1].report.layers[0].active_out == linear.out_features - 1
     assert len(walks) == 1
+
+
+def test_masked_linear_forward_sees_masks_written_in_place_or_replaced_after_a_forward():
+    torch.manual_seed(0)
+    layer = MaskedLinear(4, 3)
+    x = torch.randn(2, 4)
+    dense = layer(x)
+    layer.neuron_mask[1] = False  # in place: a new _version
+    assert torch.equal(layer(x)[:, 1], torch.zeros(2)) and torch.equal(layer(x)[:, 0], dense[:, 0])
+    layer.input_mask = torch.tensor([True, False, True, True])  # replaced: another tensor
+    expected = x[:, [0, 2, 3]] @ layer.weight[0, [0, 2, 3]] + layer.bias[0]
+    assert torch.allclose(layer(x)[:, 0], expected)
+    layer.weight_mask[0, 0] = False  # an element mask, allocated on first write
+    expected = x[:, [2, 3]] @ layer.weight[0, [2, 3]] + layer.bias[0]
+    assert torch.allclose(layer(x)[:, 0], expected)

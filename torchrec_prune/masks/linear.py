@@ -67,7 +67,7 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("weight_mask", None)  # allocated on first use: see the class docstring
         self.register_buffer("neuron_mask", torch.ones(out_features, dtype=torch.bool, device=device))
         self.register_buffer("input_mask", torch.ones(in_features, dtype=torch.bool, device=device))
-        self._index_cache: tuple[tuple[int, ...], bool, bool, torch.Tensor, torch.Tensor] | None = None
+        self._index_cache: tuple[Any, ...] | None = None  # see _structure
         # Mask-learning pruners (AUX) need dL/d(effective weight) also where the mask is closed, which
         # weight.grad (= g * mask) hides: with the flag on, backward stores it in ``effective_grad``.
         self.capture_effective_grad = False
@@ -105,11 +105,6 @@ class MaskedLinear(nn.Linear):
         if element is not None and element.device.type != "meta" and bool(element.all()):
             self.weight_mask = None
         return self.element_mask() is None
-
-    def mask_key(self) -> tuple[int, ...]:
-        """Identity and in-place version of every mask: it changes whenever a mask may have changed."""
-        masks = (self.element_mask(), self.neuron_mask, self.input_mask)
-        return tuple(v for m in masks for v in ((0, -1) if m is None else (id(m), m._version)))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -170,16 +165,25 @@ class MaskedLinear(nn.Linear):
 
     def _structure(self) -> tuple[bool, bool, torch.Tensor, torch.Tensor]:
         # Cached until a mask buffer is replaced or changed in place (load_state_dict, prune, grow), so
-        # the forward pays no host sync per call.
-        key = self.mask_key()
-        if self._index_cache is None or self._index_cache[0] != key:
-            rows = self.neuron_mask.nonzero().squeeze(1)
-            cols = self.input_mask.nonzero().squeeze(1)
+        # the forward pays no host sync per call. The cache holds the mask tensors themselves (an id()
+        # could be reused) and their ``_version``s; buffers are read from the dict, not through
+        # ``__getattr__``, since this runs at every forward.
+        buffers = self._buffers
+        masks = (buffers["weight_mask"], buffers["neuron_mask"], buffers["input_mask"])
+        versions = tuple(-1 if m is None else m._version for m in masks)
+        cache = self._index_cache
+        if (
+            cache is None
+            or cache[1] != versions
+            or any(a is not b for a, b in zip(cache[0], masks, strict=True))
+        ):
+            element, neuron, inputs = masks
+            rows = neuron.nonzero().squeeze(1)
+            cols = inputs.nonzero().squeeze(1)
             structured = rows.numel() < self.out_features or cols.numel() < self.in_features
-            element = self.element_mask()
             elementwise = element is not None and not bool(element.all())
-            self._index_cache = (key, structured, elementwise, rows, cols)
-        return self._index_cache[1:]
+            cache = self._index_cache = (masks, versions, structured, elementwise, rows, cols)
+        return cache[2:]
 
     def is_structured(self) -> bool:
         """Whether any neuron or input is masked, so that the compacted forward applies."""
@@ -200,7 +204,7 @@ class MaskedLinear(nn.Linear):
             return out.new_zeros(*out.shape[:-1], self.out_features).index_copy(-1, compact.rows, out)
         structured, elementwise, rows, cols = self._structure()
         weight = self.weight
-        element = self.element_mask()
+        element = self._buffers["weight_mask"]
         if element is not None and (elementwise or self.capture_effective_grad):
             weight = weight * element
         elif self.capture_effective_grad:
