@@ -1,6 +1,7 @@
 """One-process speed of the trainer against plain TorchRec loops on the reference DLRM, arms interleaved.
 
-Arms (same batches, batch 128 by default, one intra-op thread):
+Arms (same batches, batch 128 by default, one intra-op thread; every dense Adagrad is torch's fused one,
+as the jobs' DMP replicas use):
 - ``plain_ebc``: TorchRec ``DLRMTrain`` over an ``EmbeddingBagCollection``, one ``torch.optim.Adagrad``;
 - ``plain_fused``: the same over a ``FusedEmbeddingBagCollection`` (exact Adagrad in the backward), a
   dense Adagrad for the MLPs: the best plain TorchRec path in one process;
@@ -80,7 +81,7 @@ def dense_adagrad(model: nn.Module) -> torch.optim.Optimizer:
     fused = {
         id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
     }
-    return torch.optim.Adagrad([p for p in model.parameters() if id(p) not in fused], lr=LR)
+    return torch.optim.Adagrad([p for p in model.parameters() if id(p) not in fused], lr=LR, fused=True)
 
 
 def plain_dmp(config: DLRMConfig, batch_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -96,7 +97,7 @@ def plain_dmp(config: DLRMConfig, batch_size: int) -> tuple[nn.Module, torch.opt
         sharders=make_sharders(sharding),
     )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    return dmp, KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=LR))
+    return dmp, KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=LR, fused=True))
 
 
 def loop(
@@ -148,11 +149,13 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     sharding = ShardingConfig(fused_optimizer="adagrad", lr=LR, batch_size=batch_size)
     sharded = shard(build_dlrm(config, device="meta"), torch.device("cpu"), sharding)
     return {
-        "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR), batches, steps),
+        "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR, fused=True), batches, steps),
         "plain_fused": loop(fused, dense_adagrad(fused), batches, steps),
         "plain_dmp1": loop(dmp, dmp_optimizer, batches, steps),
         "shard_plain": loop(sharded.model, sharded.optimizer, batches, steps),
-        "wrapped_ebc": loop(wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR), batches, steps),
+        "wrapped_ebc": loop(
+            wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR, fused=True), batches, steps
+        ),
         "trainer": trainer_loop(trainer, batches, steps),
     }
 
