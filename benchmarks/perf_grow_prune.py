@@ -14,7 +14,7 @@ interleaved round by round (A B C D, A B C D, ...):
 Times are the wall and CPU seconds of the whole pass (phase transitions included). A ratio is the
 median over rounds of the per-round ratio, with min-max.
 
-Writes docs/results/perf_grow_prune.json.
+Writes docs/results/perf_grow_prune.json (``perf_grow_prune_b<batch>.json`` for another batch size).
 
     .venv/bin/python benchmarks/perf_grow_prune.py [--rounds 5] [--steps 400] [--beta 0.7]
 """
@@ -130,7 +130,8 @@ def main() -> None:
     for kind in ("wall", "cpu"):
         for name, r in results[f"ratios_{kind}"].items():  # type: ignore[union-attr]
             print(f"{kind} {name}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
-    print(f"wrote {write_results('perf_grow_prune', results)}")
+    name = "perf_grow_prune" if args.batch_size == 128 else f"perf_grow_prune_b{args.batch_size}"
+    print(f"wrote {write_results(name, results)}")
 
 
 if __name__ == "__main__":
