@@ -29,14 +29,21 @@ def topk_mask(scores: torch.Tensor, keep: int, prefer: torch.Tensor | None = Non
     """Bool mask shaped like ``scores`` with exactly ``keep`` entries set: the highest scores.
 
     Among equal scores, entries where ``prefer`` is set win, then lower flat indices. NaN counts as -inf.
+    The threshold comes from a selection (``kthvalue``, linear time) and only the entries tied at it are
+    sorted, so a mask update costs no sort of the whole layer.
     """
     flat = torch.nan_to_num(scores.detach().reshape(-1).float(), nan=-math.inf)
-    order = torch.arange(flat.numel(), device=flat.device)
-    if prefer is not None:
-        order = torch.sort(prefer.reshape(-1).to(flat.device).int(), descending=True, stable=True).indices
-    ranked = order[torch.sort(flat[order], descending=True, stable=True).indices]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[ranked[:keep]] = True
+    n = flat.numel()
+    if keep >= n or keep <= 0:
+        return torch.full_like(flat, keep > 0, dtype=torch.bool).view(scores.shape)
+    threshold = torch.kthvalue(flat, n - keep + 1).values
+    mask = flat > threshold
+    tied = torch.nonzero(flat == threshold).squeeze(1)  # in index order
+    need = keep - int(mask.sum())
+    if prefer is not None and tied.numel() > need:
+        preferred = prefer.reshape(-1).to(flat.device)[tied].int()
+        tied = tied[torch.sort(preferred, descending=True, stable=True).indices]
+    mask[tied[:need]] = True
     return mask.view(scores.shape)
 
 
