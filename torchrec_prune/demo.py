@@ -53,7 +53,7 @@ D2S = D2SConfig(
     warmup=2,
     threshold=0.01,
     prune_fraction=0.5,
-    aux=AuxConfig(lam=1.75, eps=0.2),
+    aux=AuxConfig(lam=1.75),  # latent step from the latent budget, like every other command
     lines=("fixed", "adaptive", "fixed_mask", "adaptation"),
 )
 BETA = 0.7
