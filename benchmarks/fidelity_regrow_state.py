@@ -8,7 +8,7 @@ that keep their state, everything else as SPEC 3. It is an experiment, not a lib
 as a markdown table, each seed's look-ahead CE per window and accuracy relative to dense, under both rules,
 in the same process.
 
-    .venv/bin/python benchmarks/fidelity_regrow_state.py --seeds 7,11,0
+    .venv/bin/python benchmarks/fidelity_regrow_state.py --seeds 7,11,0 [--rules spec,mean_sum]
 """
 
 from __future__ import annotations
@@ -42,14 +42,16 @@ def mean_sum_reset(optimizers, param: torch.Tensor, where: torch.Tensor) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[7, 11, 0])
-    seeds = parser.parse_args().seeds
+    parser.add_argument("--rules", type=lambda s: s.split(","), default=["spec", "mean_sum"])
+    options = parser.parse_args()
     sys.argv = sys.argv[:1]  # the protocol's own defaults
     args = protocol.parse_args()
     print("| rule | seed | scheme | CE vs dense per window (%) | accuracy vs dense (%) |")
     print("|---|---|---|---|---|")
-    for rule, reset in (("spec", SPEC_RESET), ("mean_sum", mean_sum_reset)):
-        surgery.reset_state_ = reset
-        for seed in seeds:
+    rules = {"spec": SPEC_RESET, "mean_sum": mean_sum_reset}
+    for rule in options.rules:
+        surgery.reset_state_ = rules[rule]
+        for seed in options.seeds:
             task = protocol.run_task(("synthetic", seed, args))
             runs = task["runs"]
             for scheme in protocol.SCHEMES:
