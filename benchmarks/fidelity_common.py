@@ -16,8 +16,11 @@ Example::
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +39,20 @@ CRITEO = REPO.parent / "shared" / "data" / "criteo"
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042)  # fmt: skip
+
+
+def run_tasks(run_task: Callable[[tuple], dict], jobs: Sequence[tuple], workers: int) -> dict:
+    """Run every job in ``workers`` spawned processes; the raw report: command line, wall seconds, worker
+    count and the tasks' results (in completion order)."""
+    started = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        tasks = list(pool.imap_unordered(run_task, jobs))
+    return {
+        "argv": " ".join(sys.argv[1:]),
+        "wall_seconds": time.perf_counter() - started,
+        "workers": workers,
+        "tasks": tasks,
+    }
 
 
 def t_interval(values: Sequence[float]) -> dict:

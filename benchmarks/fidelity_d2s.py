@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from fidelity_common import OffsetStream, StreamSpec, dense_checkpoint, fmt_ci, t_interval, verdict  # noqa: E402
+from fidelity_common import (  # noqa: E402
+    OffsetStream,
+    StreamSpec,
+    dense_checkpoint,
+    fmt_ci,
+    run_tasks,
+    t_interval,
+    verdict,
+)
 from pruning_common import RESULTS, markdown_table, setup_process  # noqa: E402
 
 from torchrec_prune.pruners.aux import LATENT_BUDGET, AuxConfig  # noqa: E402
@@ -224,17 +230,8 @@ def main() -> None:
     if args.replot:
         report = json.loads(path.read_text())
     else:
-        started = time.perf_counter()
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            tasks = sorted(
-                pool.imap_unordered(run_task, [(s, args) for s in args.seeds]), key=lambda t: t["seed"]
-            )
-        report = {
-            "argv": " ".join(sys.argv[1:]),
-            "wall_seconds": time.perf_counter() - started,
-            "workers": args.workers,
-            "tasks": tasks,
-        }
+        report = run_tasks(run_task, [(s, args) for s in args.seeds], args.workers)
+        report["tasks"].sort(key=lambda t: t["seed"])
     report["summary"] = summarize(report["tasks"])
     path.write_text(json.dumps(report, indent=1))
     write_plot(report["tasks"], args)

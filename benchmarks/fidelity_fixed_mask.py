@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from fidelity_common import (  # noqa: E402
     fmt_ci,
     paired_mean,
     per_sample_ce,
+    run_tasks,
     t_interval,
     verdict,
 )
@@ -366,14 +365,7 @@ def main() -> None:
         report = json.loads(path.read_text())
     else:
         jobs = [(d, s, args) for d in args.datasets for s in args.seeds]
-        started = time.perf_counter()
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            tasks = list(pool.imap_unordered(run_task, jobs))
-        report = {
-            "argv": " ".join(sys.argv[1:]),
-            "wall_seconds": time.perf_counter() - started,
-            "tasks": tasks,
-        }
+        report = run_tasks(run_task, jobs, args.workers)
     report["summary"] = summarize(report["tasks"], args)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))

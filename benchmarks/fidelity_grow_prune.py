@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from fidelity_common import (  # noqa: E402
     criteo_heldout,
     dense_checkpoint,
     fmt_ci,
+    run_tasks,
     t_interval,
     verdict,
 )
@@ -301,16 +300,8 @@ def main() -> None:
     if args.replot:
         report = json.loads(path.read_text())
     else:
-        started = time.perf_counter()
         jobs = [(d, s, args) for d in args.datasets for s in args.seeds]
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            tasks = list(pool.imap_unordered(run_task, jobs))
-        report = {
-            "argv": " ".join(sys.argv[1:]),
-            "wall_seconds": time.perf_counter() - started,
-            "workers": args.workers,
-            "tasks": tasks,
-        }
+        report = run_tasks(run_task, jobs, args.workers)
     report["summary"] = summarize(report["tasks"])
     path.write_text(json.dumps(report, indent=1))
     write_plot(report["summary"], args)
