@@ -23,8 +23,12 @@ from pathlib import Path
 import torch
 from torchrec.datasets.utils import Batch
 
+from torchrec_prune.data.stream import Stream
 from torchrec_prune.data.synthetic import SyntheticStream
 from torchrec_prune.models import DLRMConfig
+from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
+from torchrec_prune.train.replica import Replica
+from torchrec_prune.train.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
@@ -34,6 +38,13 @@ def reference_batches(batch_size: int, count: int, num_embeddings: int = 10_000)
     """``count`` batches of the synthetic stream, read once so that no arm pays for reading."""
     stream = SyntheticStream(batch_size * count, num_embeddings=num_embeddings, drift=1.0, seed=0)
     return list(stream.batches(batch_size))
+
+
+def job_replica(stream: Stream, train: TrainConfig) -> Replica:
+    """The replica a one-process job trains on ``stream`` (DMP on the current one-rank group, fused
+    tables, wrapped layers), as ``train`` builds it; run under ``one_process_group()``."""
+    job = JobConfig(rows=stream.num_rows, train=train, checkpoint=False, checkpoint_every=0)
+    return build_replica(PreparedJob(job, stream, {}, None), torch.device("cpu"))
 
 
 def reference_config(num_embeddings: int = 10_000) -> DLRMConfig:

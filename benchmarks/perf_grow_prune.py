@@ -27,14 +27,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from perf_common import reference_batches, reference_config, write_results
+from perf_common import job_replica, reference_batches, reference_config, write_results
 from perf_trainer import LR, fused_dlrm
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import one_process_group
 from torchrec_prune.schedules import GrowPruneConfig, PhasePlan, run_grow_prune
-from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
 from torchrec_prune.train.trainer import TrainConfig
 
 ARMS = ("plain_dense", "dense", "alternate", "alternate_masked")
@@ -65,8 +64,7 @@ def schedule_pass(
 ) -> Callable[[], None]:
     """A fresh job replica; the returned call runs the schedule over the stream once."""
     torch.manual_seed(0)
-    job = JobConfig(rows=stream.num_rows, train=train, checkpoint=False, checkpoint_every=0)
-    replica = build_replica(PreparedJob(job, stream, {}, None), torch.device("cpu"))
+    replica = job_replica(stream, train)
     config = GrowPruneConfig(plan, beta=beta, window_steps=20, compact=compact)
 
     def run() -> None:

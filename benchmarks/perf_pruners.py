@@ -22,14 +22,13 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from perf_common import interleave, ratio, reference_batches, reference_config, write_results
+from perf_common import interleave, job_replica, ratio, reference_batches, reference_config, write_results
 from perf_trainer import LR
 
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import one_process_group
 from torchrec_prune.pruners import AuxConfig, AuxPruner, GradualConfig, magnitude_pruner, taylor_pruner
 from torchrec_prune.train.hooks import TrainHook
-from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
 
 PHASE = 100_000  # steps: longer than any measurement, so every round runs inside the pruning phase
@@ -40,8 +39,7 @@ def arm(
     name: str, stream: BatchStream, train: TrainConfig, steps: int, update_every: int
 ) -> Callable[[], None]:
     torch.manual_seed(0)
-    job = JobConfig(rows=stream.num_rows, train=train, checkpoint=False, checkpoint_every=0)
-    replica = build_replica(PreparedJob(job, stream, {}, None), torch.device("cpu"))
+    replica = job_replica(stream, train)
     gradual = GradualConfig(sparsity=0.8, phase_steps=PHASE, update_every=update_every)
     hooks: list[TrainHook] = {
         "none": [],

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from perf_common import interleave, ratio, reference_batches, reference_config, write_results
+from perf_common import interleave, job_replica, ratio, reference_batches, reference_config, write_results
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -42,6 +42,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import (
     ShardingConfig,
     make_sharders,
@@ -51,7 +52,6 @@ from torchrec_prune.distributed.dmp import (
 )
 from torchrec_prune.masks import wrap
 from torchrec_prune.models import DLRMConfig, build_dlrm
-from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
 
 LR = 0.05
@@ -134,16 +134,7 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     fused = fused_dlrm(config)
     wrapped = wrap(build_dlrm(config))
     train = TrainConfig(batch_size=batch_size, lr=LR, window=5_000, progress=False)
-    job = JobConfig(rows=batch_size * 50, train=train, checkpoint=False, checkpoint_every=0)
-
-    class _Stream:  # build_replica reads the stream's shape only
-        num_dense, feature_names, num_embeddings = (
-            config.num_dense,
-            config.feature_names,
-            config.num_embeddings,
-        )
-
-    replica = build_replica(PreparedJob(job, _Stream(), {}, None), torch.device("cpu"))  # type: ignore[arg-type]
+    replica = job_replica(BatchStream(batches, num_embeddings=config.num_embeddings), train)
     trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
     dmp, dmp_optimizer = plain_dmp(config, batch_size)
     sharding = ShardingConfig(fused_optimizer="adagrad", lr=LR, batch_size=batch_size)
