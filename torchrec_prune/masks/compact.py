@@ -100,15 +100,16 @@ def compact_(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ())
     if not chosen:
         return []
     index = {id(layer): layer.active_indices() for layer in chosen.values()}
-    narrow = {
+    narrow = [
         (id(src), id(dst))
         for src, dst in _narrow_links(model)
         if id(src) in index and id(dst) in index and torch.equal(index[id(src)][0], index[id(dst)][1])
-    }
+    ]
+    narrow_out, narrow_in = {src for src, _ in narrow}, {dst for _, dst in narrow}
     for layer in chosen.values():
         rows, cols = index[id(layer)]
-        gather = cols.numel() < layer.in_features and not any(d == id(layer) for _, d in narrow)
-        scatter = rows.numel() < layer.out_features and not any(s == id(layer) for s, _ in narrow)
+        gather = cols.numel() < layer.in_features and id(layer) not in narrow_in
+        scatter = rows.numel() < layer.out_features and id(layer) not in narrow_out
         _compact_layer(layer, rows, cols, gather, scatter, optimizers)
     _rebuild_data_parallel(model)
     return sorted(chosen)
@@ -123,7 +124,6 @@ def expand_(model: nn.Module) -> list[str]:
     layers = compacted_layers(model)
     for layer in layers.values():
         _expand_layer(layer)
-        layer.compacted = None
     if layers:
         _rebuild_data_parallel(model)
     return sorted(layers)
@@ -134,18 +134,13 @@ def expanded(model: nn.Module) -> Iterator[None]:
     """Full-size parameters and optimizer state inside the block (e.g. to save a checkpoint), the kept
     blocks again after it. Shapes come back as they were, so DDP is not rebuilt: nothing is collective."""
     layers = [m for m in model.modules() if isinstance(m, MaskedLinear) and m.compacted is not None]
-    held = []
     with torch.no_grad():
-        for layer in layers:
-            held.append(layer.compacted)
-            _expand_layer(layer)
-            layer.compacted = None
+        held = [_expand_layer(layer) for layer in layers]
     try:
         yield
     finally:
         with torch.no_grad():
             for layer, compact in zip(layers, held, strict=True):
-                assert compact is not None
                 _slice_into(layer, compact)
                 layer.compacted = compact
 
@@ -194,8 +189,9 @@ def _slice_into(layer: MaskedLinear, compact: CompactLayer) -> None:
         param.data = compact.block(full)
 
 
-def _expand_layer(layer: MaskedLinear) -> None:
-    """Write the kept blocks back into the full tensors and make those current again."""
+def _expand_layer(layer: MaskedLinear) -> CompactLayer:
+    """Write the kept blocks back into the full tensors and make those current again; the layer is then
+    not compacted, and the record it held is returned."""
     compact = layer.compacted
     assert compact is not None
     for name, param in _params(layer):
@@ -210,6 +206,8 @@ def _expand_layer(layer: MaskedLinear) -> None:
         compact.put_back(full, param.data)
         param.grad = None
         param.data = full
+    layer.compacted = None
+    return compact
 
 
 def _narrow_links(model: nn.Module) -> list[tuple[MaskedLinear, MaskedLinear]]:

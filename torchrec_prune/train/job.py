@@ -520,15 +520,17 @@ def save_run_checkpoint(
         NonFiniteError: a replica holds NaN or inf; nothing is saved and the last good checkpoint stays.
     """
     checkpointer = prepared.checkpointer
-    for replica in replicas.values():
-        bad = non_finite_key(replica.model)
-        if bad is not None:
-            raise NonFiniteError(f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}")
-    started = time.perf_counter()
     manifest = {"config": prepared.settings, "num_rows": prepared.stream.num_rows}
-    with contextlib.ExitStack() as full_size:  # a compacted sparse phase saves its full layers
+    with contextlib.ExitStack() as full_size:  # a compacted sparse phase saves (and checks) its full layers
         for replica in replicas.values():
             full_size.enter_context(expanded(replica.model))
+        for replica in replicas.values():
+            bad = non_finite_key(replica.model)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"{bad!r} holds NaN or inf at stream row {position}{_kept(checkpointer)}"
+                )
+        started = time.perf_counter()
         path = checkpointer.save(position, replicas, state, manifest)
     logger.info("run checkpoint at row %d: %s", position, path)
     return time.perf_counter() - started
