@@ -46,6 +46,7 @@ from pruning_common import RESULTS, markdown_table, reference_model, setup_proce
 
 from torchrec_prune.schedules import SCHEMES, GrowPruneConfig, PhasePlan, run_grow_prune, scheme  # noqa: E402
 from torchrec_prune.schedules.compare import pooled_relative  # noqa: E402
+from torchrec_prune.train.optimizer_state import REGROWN_STATES  # noqa: E402
 from torchrec_prune.train.trainer import TrainConfig, default_forward  # noqa: E402
 
 BETA = 0.7
@@ -69,6 +70,13 @@ def parse_args() -> argparse.Namespace:
         "carries Adagrad state; results go to fidelity_grow_prune_sgd.*",
     )
     p.add_argument("--window-steps", type=int, default=50, help="batches of importance before a pruning")
+    p.add_argument(
+        "--regrown-state",
+        choices=REGROWN_STATES,
+        default="reset",
+        help="optimizer state of regrown neurons (GrowPruneConfig.regrown_state); layer_mean results go to "
+        "fidelity_grow_prune*_layer_mean.*",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replot", action="store_true")
@@ -76,8 +84,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def stem(args: argparse.Namespace) -> str:
-    """Output file stem: ``fidelity_grow_prune`` (Adagrad) or ``fidelity_grow_prune_sgd``."""
-    return "fidelity_grow_prune" + ("_sgd" if args.optimizer == "sgd" else "")
+    """Output file stem: ``fidelity_grow_prune`` (Adagrad, SPEC 3 regrowth), with ``_sgd`` and/or
+    ``_layer_mean`` for the other optimizer and regrowth rule."""
+    rule = "" if args.regrown_state == "reset" else f"_{args.regrown_state}"
+    return "fidelity_grow_prune" + ("_sgd" if args.optimizer == "sgd" else "") + rule
 
 
 @torch.no_grad()
@@ -127,7 +137,9 @@ def run_task(job: tuple[str, int, argparse.Namespace]) -> dict:
         else:
             model, optimizers = reference_model(stream, seed), None
         plan = PhasePlan.dense() if name == "dense" else scheme(name)
-        config = GrowPruneConfig(plan, beta=BETA, window_steps=args.window_steps, seed=seed)
+        config = GrowPruneConfig(
+            plan, beta=BETA, window_steps=args.window_steps, seed=seed, regrown_state=args.regrown_state
+        )
         result = run_grow_prune(model, stream, train, config, optimizers=optimizers)
         records[name] = result.run.records
         out["runs"][name] = {
@@ -214,8 +226,9 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         "",
         f"**Protocol.** Reference DLRM, {args.optimizer} lr {args.lr}, beta {BETA} (fraction of "
         f"neurons pruned in sparse phases), {args.window_steps} batches of Taylor importance before each "
-        "pruning; each scheme spends 40% of the run sparse. Relative figures are paired against the dense "
-        "run of the same seed on the same samples; ± is the 95% t-interval over seeds. Claims: FLOPs <= "
+        f"pruning, regrown optimizer state `{args.regrown_state}`; each scheme spends 40% of the run "
+        "sparse. Relative figures are paired against the dense run of the same seed on the same "
+        "samples; ± is the 95% t-interval over seeds. Claims: FLOPs <= "
         "-30% with |relative accuracy| <= 0.1% (met when the whole interval lies within ±0.1%), and "
         "alternate the most "
         "accurate of the four (met when every paired difference alternate - other is above 0).",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
 from torchrec_prune.models import DLRMConfig
+from torchrec_prune.train.optimizer_state import REGROWN_STATES
 from torchrec_prune.train.trainer import OPTIMIZERS, NonFiniteError, TrainConfig
 
 if TYPE_CHECKING:  # the job module pulls in DMP and DCP: imported when a command runs
@@ -246,8 +247,16 @@ def _cmd_grow_prune(args: argparse.Namespace, argv: Sequence[str]) -> Runner:
         window_steps=args.window_steps,
         seed=args.seed,
         compact=not args.no_compact,
+        regrown_state=args.regrown_state,
     )  # checks beta and the importance window
-    extra = {"grow_prune": {"scheme": args.scheme, "beta": args.beta, "window_steps": args.window_steps}}
+    extra = {
+        "grow_prune": {
+            "scheme": args.scheme,
+            "beta": args.beta,
+            "window_steps": args.window_steps,
+            "regrown_state": args.regrown_state,
+        }
+    }
 
     def check(prepared: PreparedJob, world_size: int) -> None:  # every phase must be non-empty
         loop = prepared.config.train
@@ -406,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-compact",
         action="store_true",
         help="train sparse phases with the masked forward instead of compacted layers (same results, slower)",
+    )
+    grow.add_argument(
+        "--regrown-state",
+        choices=REGROWN_STATES,
+        default="reset",
+        help="optimizer state of regrown weights: reset (SPEC 3: Adagrad's sum at its initial value) or "
+        "layer_mean (accumulators at the mean of the layer's weights that stayed open)",
     )
     grow.set_defaults(func=_cmd_grow_prune)
 

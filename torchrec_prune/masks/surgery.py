@@ -1,8 +1,10 @@
 """Prune and grow primitives shared by every algorithm (SPEC 3).
 
 ``set_masks_`` is the one place where masks change: entries that close are set to exact zero, entries
-that re-open start at exact zero, and both get fresh optimizer state. ``prune_``/``grow_`` are the two
-directions of it.
+that re-open start at exact zero, and both get fresh optimizer state: closed entries SPEC 3's reset,
+re-opened ones the same by default or, with ``regrown_state="layer_mean"``, accumulators at the mean of the
+parameter's entries that stay open (``torchrec_prune.train.optimizer_state.regrow_state_``).
+``prune_``/``grow_`` are the two directions of it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from torchrec_prune.masks.embedding import MaskedEmbeddings
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import masked_modules
-from torchrec_prune.train.optimizer_state import reset_state_
+from torchrec_prune.train.optimizer_state import check_regrown_state, regrow_state_, reset_state_
 
 _LINEAR_MASKS = ("weight_mask", "neuron_mask", "input_mask")
 
@@ -37,9 +39,14 @@ def set_linear_masks_(
     optimizers: Iterable[torch.optim.Optimizer] = (),
     *,
     name: str = "MaskedLinear",
+    regrown_state: str = "reset",
     **masks: torch.Tensor,
 ) -> tuple[int, int]:
-    """Set any of ``weight_mask``, ``neuron_mask``, ``input_mask``; returns (#closed, #re-opened) weights."""
+    """Set any of ``weight_mask``, ``neuron_mask``, ``input_mask``; returns (#closed, #re-opened) weights.
+
+    ``regrown_state`` is the rule for re-opened entries' optimizer state (``regrow_state_``).
+    """
+    check_regrown_state("regrown_state", regrown_state)
     unknown = set(masks) - set(_LINEAR_MASKS)
     if unknown:
         raise ValueError(f"{name}: unknown masks {sorted(unknown)}; expected some of {_LINEAR_MASKS}")
@@ -56,17 +63,28 @@ def set_linear_masks_(
         _check_shape(name, key, current, value)
         current.copy_(value.to(device=current.device, dtype=torch.bool))
     after_w = _linear_keep(layer)
-    changed_w = before_w ^ after_w
-    layer.weight.masked_fill_(changed_w | ~after_w, 0.0)
-    reset_state_(optimizers, layer.weight, changed_w)
+    layer.weight.masked_fill_((before_w ^ after_w) | ~after_w, 0.0)
+    _renew_state(optimizers, layer.weight, before_w, after_w, regrown_state)
     if layer.bias is not None:
         # A closed neuron's bias is masked in the forward (its output is exactly 0) but keeps its value:
         # a regrown row starts at exactly 0, and behind a ReLU a zero row with a zero bias would never get
         # a gradient again (relu'(0) = 0). The kept bias lets the regrown neuron's signal restart.
-        reset_state_(optimizers, layer.bias, before_b ^ layer.neuron_mask)
+        _renew_state(optimizers, layer.bias, before_b, layer.neuron_mask, regrown_state)
     if "weight_mask" in masks:
         layer.release_open_element_mask_()  # structured pruning never holds a per-weight mask
     return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
+
+
+def _renew_state(
+    optimizers: list[torch.optim.Optimizer],
+    param: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    regrown_state: str,
+) -> None:
+    """Reset the state of entries that closed; start that of re-opened ones under ``regrown_state``."""
+    reset_state_(optimizers, param, before & ~after)
+    regrow_state_(optimizers, param, ~before & after, before & after, regrown_state)
 
 
 def _tables(module: MaskedEmbeddings) -> list[str]:
@@ -138,6 +156,7 @@ def set_embedding_masks_(
     name: str = "MaskedEmbeddingBagCollection",
     dim_masks: Mapping[str, torch.Tensor] | None = None,
     feature_gate: torch.Tensor | None = None,
+    regrown_state: str = "reset",
 ) -> tuple[int, int]:
     """Set per-table dimension masks and/or the feature gate; returns (#closed, #re-opened) columns.
 
@@ -145,8 +164,11 @@ def set_embedding_masks_(
     where it has columns: per-element state of ``optimizers`` (unsharded and data-parallel tables) and
     the fused optimizer's per-element state of sharded tables (exact Adagrad, Adam: set to 0, the value
     the kernel starts from). Row-wise fused state (row-wise Adagrad's one accumulator per row) is shared
-    with the row's open columns and is left as it is.
+    with the row's open columns and is left as it is. ``regrown_state`` (``regrow_state_``) applies to the
+    state of ``optimizers``; the fused kernel's state of re-opened columns is always 0, as its mean over a
+    sharded table would take a collective.
     """
+    check_regrown_state("regrown_state", regrown_state)
     optimizers = list(optimizers)
     dim_masks = dict(dim_masks or {})
     before = {table: module.dim_mask(table).clone() for table in _tables(module)}
@@ -162,7 +184,8 @@ def set_embedding_masks_(
         touched = changed[table] | ~module.dim_mask(table)
         block[:, touched[col0 : col0 + block.shape[1]].to(block.device)] = 0.0
         if param is not None:
-            reset_state_(optimizers, param, changed[table].to(param.device).unsqueeze(0))
+            before_t, after_t = before[table].to(param.device), module.dim_mask(table).to(param.device)
+            _renew_state(optimizers, param, before_t.unsqueeze(0), after_t.unsqueeze(0), regrown_state)
     for table, _, block, col0 in fused_state_blocks(module):
         block[:, changed[table][col0 : col0 + block.shape[1]].to(block.device)] = 0.0
     # UVM-caching kernels serve lookups from rows cached in HBM, not from the weights written above:
@@ -176,14 +199,19 @@ def set_embedding_masks_(
 
 
 def set_masks_(
-    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    name: str | None = None,
+    regrown_state: str = "reset",
+    **masks,
 ) -> tuple[int, int]:
     """Dispatch to the Linear or embedding variant; returns (#closed, #re-opened)."""
     label = name or type(module).__name__
     if isinstance(module, MaskedLinear):
-        return set_linear_masks_(module, optimizers, name=label, **masks)
+        return set_linear_masks_(module, optimizers, name=label, regrown_state=regrown_state, **masks)
     if isinstance(module, MaskedEmbeddings):
-        return set_embedding_masks_(module, optimizers, name=label, **masks)
+        return set_embedding_masks_(module, optimizers, name=label, regrown_state=regrown_state, **masks)
     raise TypeError(
         f"{label}: {type(module).__name__} is not mask-aware; call torchrec_prune.wrap(model) first"
     )
@@ -198,11 +226,17 @@ def prune_(
 
 
 def grow_(
-    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, name: str | None = None, **masks
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    name: str | None = None,
+    regrown_state: str = "reset",
+    **masks,
 ) -> int:
-    """Re-open the entries that are ``True`` in the given masks at exactly zero; returns #re-opened."""
+    """Re-open the entries that are ``True`` in the given masks at exactly zero, their optimizer state
+    started under ``regrown_state`` (``regrow_state_``); returns #re-opened."""
     merged = _merge(module, masks, torch.logical_or, name)
-    return set_masks_(module, optimizers, name=name, **merged)[1]
+    return set_masks_(module, optimizers, name=name, regrown_state=regrown_state, **merged)[1]
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from torchrec_prune.pruners.rules import fraction_count, topk_mask
 from torchrec_prune.pruners.schedules import OneShot, check_steps
 from torchrec_prune.pruners.targets import Targets, output_layer_fqn, select_linears
 from torchrec_prune.train.hooks import StepContext
+from torchrec_prune.train.optimizer_state import check_regrown_state
 
 _ELEMENTWISE = (
     nn.ReLU,
@@ -167,7 +168,11 @@ def prune_neurons(
 
 
 def grow_neurons(
-    model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), fqns: Iterable[str] | None = None
+    model: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    fqns: Iterable[str] | None = None,
+    *,
+    regrown_state: str = "reset",
 ) -> int:
     """Re-open pruned neurons and the inputs they feed, at exactly zero with fresh optimizer state.
 
@@ -176,32 +181,35 @@ def grow_neurons(
     A re-opened neuron has a zero row and a zero outgoing column but its kept bias, so behind a ReLU its
     output relu(b) gives the column a gradient, and the column the row (with a zero bias neither would
     ever move: relu'(0) = 0). Neurons whose kept bias is <= 0 stay silent until their input moves.
+
+    ``regrown_state`` starts the re-opened entries' optimizer state (``regrow_state_``): ``"reset"`` (SPEC
+    3) or ``"layer_mean"``. Each layer's masks change in one step, so "the entries that stay open" of a
+    layer that is both a pruned layer and a successor are those open before and after the whole growth.
     """
-    optimizers = list(optimizers)
-    reopened = 0
+    check_regrown_state("grow_neurons: regrown_state", regrown_state)
+    modules = dict(model.named_modules())
+    masks: dict[str, dict[str, torch.Tensor]] = {}
     if fqns is None:
         for fqn, module in masked_modules(model):
             if isinstance(module, MaskedLinear):
-                reopened += grow_(
-                    module,
-                    optimizers,
-                    name=fqn,
-                    neuron_mask=torch.ones_like(module.neuron_mask),
-                    input_mask=torch.ones_like(module.input_mask),
-                )
-        return reopened
-    modules = dict(model.named_modules())
-    successors = neuron_successors(model)
-    for fqn in fqns:
-        if fqn not in successors:
-            raise _why_not_prunable(model, fqn, None)
-        layer, consumer = modules[fqn], modules[successors[fqn]]
-        assert isinstance(layer, MaskedLinear) and isinstance(consumer, MaskedLinear)
-        reopened += grow_(layer, optimizers, name=fqn, neuron_mask=torch.ones_like(layer.neuron_mask))
-        reopened += grow_(
-            consumer, optimizers, name=successors[fqn], input_mask=torch.ones_like(consumer.input_mask)
-        )
-    return reopened
+                masks[fqn] = {
+                    "neuron_mask": torch.ones_like(module.neuron_mask),
+                    "input_mask": torch.ones_like(module.input_mask),
+                }
+    else:
+        successors = neuron_successors(model)
+        for fqn in fqns:
+            if fqn not in successors:
+                raise _why_not_prunable(model, fqn, None)
+            layer, consumer = modules[fqn], modules[successors[fqn]]
+            assert isinstance(layer, MaskedLinear) and isinstance(consumer, MaskedLinear)
+            masks.setdefault(fqn, {})["neuron_mask"] = torch.ones_like(layer.neuron_mask)
+            masks.setdefault(successors[fqn], {})["input_mask"] = torch.ones_like(consumer.input_mask)
+    optimizers = list(optimizers)
+    return sum(
+        grow_(modules[fqn], optimizers, name=fqn, regrown_state=regrown_state, **layer_masks)
+        for fqn, layer_masks in masks.items()
+    )
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Entering a sparse phase prunes, in every neuron-prunable layer, the ``beta`` fraction of neurons with the
 lowest Taylor importance averaged over the ``window_steps`` batches just before the phase. Leaving it
-re-opens them at exactly zero with fresh optimizer state (``grow_neurons``). While a sparse phase runs, its
-layers train their kept blocks only (``compact``, on by default): the same numbers as the masked forward,
+re-opens them at exactly zero with fresh optimizer state (``grow_neurons``; ``regrown_state`` picks SPEC
+3's reset or the layer's mean for accumulators). While a sparse phase runs, its layers train their kept
+blocks only (``compact``, on by default): the same numbers as the masked forward,
 at the cost of a model of the kept sizes. A plan that starts sparse
 (grow-only) has no trained model to score, so its first mask is drawn at random (seeded): at
 initialisation the weights are random and Taylor scores rank neurons by noise, and a random small
@@ -41,6 +42,7 @@ from torchrec_prune.pruners.targets import Targets
 from torchrec_prune.schedules.phases import SPARSE, PhasePlan, batch_starts
 from torchrec_prune.train.flops import FlopsReport, FlopsTotals, fc_flops, integrate_phases
 from torchrec_prune.train.hooks import BaseHook, StepContext
+from torchrec_prune.train.optimizer_state import check_regrown_state
 from torchrec_prune.train.trainer import (
     IncrementalTrainer,
     RunResult,
@@ -64,6 +66,12 @@ class GrowPruneConfig:
             used, never the output layer.
         compact: train sparse phases on physically smaller layers (``torchrec_prune.masks.compact``);
             off, the masked forward gathers the kept block every step (same results, slower).
+        regrown_state: optimizer state of regrown entries (``regrow_state_``). ``"reset"`` (SPEC 3):
+            accumulators at their initial value, so a regrown weight's first Adagrad step is about ``lr``
+            long; ``"layer_mean"``: accumulators at the mean over the layer's entries that stayed open,
+            which removed the loss blow-ups after regrowth (docs/results/fidelity_regrow_state.md).
+            Momentum and first moments restart at 0 under both. The asynchronous parameter server regrows
+            as SPEC 3.
     """
 
     plan: PhasePlan
@@ -72,8 +80,10 @@ class GrowPruneConfig:
     seed: int = 0
     targets: Targets = field(default_factory=Targets)
     compact: bool = True
+    regrown_state: str = "reset"
 
     def __post_init__(self) -> None:
+        check_regrown_state("GrowPruneConfig.regrown_state", self.regrown_state)
         if not isinstance(self.compact, bool):
             raise ValueError(f"GrowPruneConfig.compact must be a bool, got {self.compact!r}")
         if not isinstance(self.plan, PhasePlan):
@@ -294,7 +304,9 @@ class GrowPruneSchedule(BaseHook):
             self.scorer.reset()
         elif index > 0:
             self.finish()
-            grow_neurons(self.model, self.optimizers, fqns=list(self.layers))
+            grow_neurons(
+                self.model, self.optimizers, fqns=list(self.layers), regrown_state=self.config.regrown_state
+            )
         start, end = self.bounds[index]
         self.phases.append(
             PhaseRecord(

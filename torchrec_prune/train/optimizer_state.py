@@ -1,9 +1,16 @@
 """Optimizer-state surgery for pruned and regrown weights (SPEC 3).
 
-Momentum revives pruned weights and stale second moments distort regrown ones, so every mask change
-resets the per-element state of the entries it touches: momentum and Adam moments to 0, Adagrad's sum to
-its ``initial_accumulator_value``. Scalar state (Adam's ``step``) is shared by the whole tensor and is
-left alone; bias correction then treats regrown entries as if they had seen ``step`` zero gradients.
+Momentum revives pruned weights and stale second moments distort regrown ones, so a mask change resets
+the per-element state of the entries it touches (growth: by default, see below): momentum and Adam moments
+to 0, Adagrad's sum to its ``initial_accumulator_value``. Scalar state (Adam's ``step``) is shared by the
+whole tensor and is left alone; bias correction then treats regrown entries as if they had seen ``step``
+zero gradients.
+
+An accumulator reset to 0 makes a regrown entry's first step about as long as the learning rate (Adagrad:
+``lr * g / sqrt(g**2)``; Adam with default betas, once its bias correction is near 1: about ``3 * lr``),
+which blew up the loss after regrowth in a minority of seeds (docs/results/fidelity_regrow_state.md). So
+growth takes a rule (``regrow_state_``): ``"reset"`` follows SPEC 3, ``"layer_mean"`` starts accumulators
+at the mean over the parameter's entries that stay open. Closing always resets.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ import torch
 
 # State keys that hold one value per parameter element, and the value a fresh entry starts from.
 _ZERO_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta")
+# Of those, the running sums or averages of squared gradients (or updates) that set an entry's step size.
+# First moments and momentum are not among them: a regrown entry has no direction yet, they restart at 0.
+_ACCUMULATORS = ("sum", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta")
+# How growth starts the state of re-opened entries: SPEC 3's reset (the default), or the layer's mean.
+REGROWN_STATES = ("reset", "layer_mean")
 
 
 def _initial_value(key: str, group: dict) -> float:
@@ -68,6 +80,45 @@ def reset_state_(
         for entry in entries:
             value = entry.holder[entry.key]
             value.masked_fill_(where.expand_as(value), entry.initial)
+    return len(entries)
+
+
+def check_regrown_state(field: str, value: object) -> None:
+    """Refuse a growth rule that is not one of ``REGROWN_STATES``; ``field`` names the setting."""
+    if value not in REGROWN_STATES:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, REGROWN_STATES))}, got {value!r}")
+
+
+def regrow_state_(
+    optimizers: Iterable[torch.optim.Optimizer],
+    param: torch.Tensor,
+    opened: torch.Tensor,
+    kept: torch.Tensor,
+    regrown_state: str = "reset",
+) -> int:
+    """Start the per-element optimizer state of ``param``'s re-opened entries (``opened``, bool,
+    broadcastable to param).
+
+    ``"reset"`` is SPEC 3 (``reset_state_``). ``"layer_mean"`` starts each accumulator (Adagrad's ``sum``,
+    Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``, RMSprop's ``square_avg``, Adadelta's ``acc_delta``) at
+    its mean over ``kept``, the entries open before and after the change, or at its initial value when
+    none is; momentum and first moments restart at 0 either way. Returns the number of state tensors
+    touched, summed over optimizers.
+    """
+    check_regrown_state("regrown_state", regrown_state)
+    if regrown_state == "reset":
+        return reset_state_(optimizers, param, opened)
+    entries = element_states(list(optimizers), param)
+    any_opened = bool(opened.any())  # most mask changes re-open nothing: skip the means
+    with torch.no_grad():
+        for entry in entries:
+            value = entry.holder[entry.key]
+            fill = entry.initial
+            if any_opened and entry.key in _ACCUMULATORS:
+                kept_values = value[kept.expand_as(value)]
+                if kept_values.numel():
+                    fill = kept_values.mean().item()
+            value.masked_fill_(opened.expand_as(value), fill)
     return len(entries)
 
 
