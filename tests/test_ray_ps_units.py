@@ -68,6 +68,30 @@ def test_row_cache_evicts_least_recently_used_rows_outside_the_batch():
         cache.assign(np.arange(4))
 
 
+def test_row_cache_maps_ids_like_a_dictionary_lru_over_a_random_stream():
+    """The sorted-array index finds the same slots and misses as an id -> slot dict, and new rows take
+    the least recently used slots (free ones first), never one this batch uses."""
+    rng = np.random.default_rng(0)
+    cache, slot_of, used, row_of = RowCache(16), {}, np.full(16, -1), np.full(16, -1)
+    for batch in range(1, 300):
+        ids = np.unique(rng.integers(0, 40, rng.integers(1, 12)))
+        slots, new = cache.assign(ids)
+        want_new = np.array([int(i) not in slot_of for i in ids])
+        assert (new == want_new).all()
+        for i, slot in zip(ids[~new].tolist(), slots[~new].tolist(), strict=True):
+            assert slot_of[i] == slot
+            used[slot] = batch
+        taken = slots[new]
+        others = np.setdiff1d(np.flatnonzero(used != batch), taken)
+        assert (used[taken] != batch).all()
+        if len(taken) and len(others):
+            assert used[taken].max() <= used[others].min()
+        for i, slot in zip(ids[new].tolist(), slots[new].tolist(), strict=True):
+            slot_of.pop(int(row_of[slot]), None)
+            slot_of[i], row_of[slot], used[slot] = slot, i, batch
+        assert len(cache) == len(slot_of)
+
+
 def test_layout_shards_rows_by_id_and_round_trips_the_model():
     model = tiny_model()
     layout = ParamLayout.from_model(model, 3)

@@ -9,6 +9,9 @@ check exact, and under the GIL threads inside one shard would not apply updates 
 The optimizer is the library's (``make_optimizer``: Adagrad by default, per element as on the
 single-process path); a table's rows get a sparse gradient holding only the pushed rows, which
 ``torch.optim`` applies to those rows alone. Mask changes reuse the library's optimizer-state reset.
+The owned tables of one row width are row blocks of one tensor (``RowStore``; each table's parameter
+and optimizer state are views of it), so a push's rows of every table are updated by one index op
+instead of one per table.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +70,43 @@ def _row_rule(optimizer: torch.optim.Optimizer) -> RowRule | None:
     return None
 
 
+@dataclass
+class RowStore:
+    """The owned rows of every table of one width in one tensor, and the row rule's state over it.
+
+    Each table's ``nn.Parameter`` (and its optimizer state tensors) are views of a block of rows here.
+    """
+
+    weight: torch.Tensor
+    offsets: dict[str, int]  # table parameter FQN -> its first row
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tables: dict[str, np.ndarray]) -> RowStore:
+        offsets, start = {}, 0
+        for name, rows in tables.items():
+            offsets[name] = start
+            start += len(rows)
+        return cls(torch.cat([as_tensor(np.array(rows)) for rows in tables.values()]), offsets)
+
+    def view(self, name: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        """Rows of parameter ``name`` in ``tensor`` (the store's weight or one of its state tensors)."""
+        return tensor[self.offsets[name] : self.offsets[name] + rows]
+
+    def share_state(self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:
+        """Gather each table's per-element state into store-wide tensors and make the tables' state
+        views of them (again after ``optimizer.load_state_dict``, which replaces the tensors)."""
+        names = list(self.offsets)
+        for key, value in optimizer.state[params[names[0]]].items():
+            if not (torch.is_tensor(value) and value.shape == params[names[0]].shape):
+                continue
+            whole = torch.cat([optimizer.state[params[n]][key] for n in names])
+            self.state[key] = whole
+            for n in names:
+                optimizer.state[params[n]][key] = self.view(n, whole, len(params[n]))
+        self.state.setdefault("step", torch.zeros(()))
+
+
 class ShardState:
     """Weights, optimizer state, masks and version counters of shard ``shard``.
 
@@ -101,8 +142,19 @@ class ShardState:
     ) -> None:
         self.shard = shard
         self.layout = layout
-        self.params = {name: nn.Parameter(as_tensor(np.array(v))) for name, v in init.items()}
         tables = {spec.param for spec in layout.tables.values()}
+        self.params = {n: nn.Parameter(as_tensor(np.array(v))) for n, v in init.items() if n not in tables}
+        by_width: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        for name, value in init.items():
+            if name in tables:
+                by_width.setdefault(np.shape(value)[1:], {})[name] = value
+        self.row_stores = [RowStore.build(group) for group in by_width.values()]
+        self._store_of: dict[str, RowStore] = {}
+        for rows in self.row_stores:
+            for name in rows.offsets:
+                self._store_of[name] = rows
+                self.params[name] = nn.Parameter(rows.view(name, rows.weight, len(init[name])))
+        self.params = {name: self.params[name] for name in init}  # the layout's order
         # Two optimizers of the same kind, so that only the table rows take torch's sparse-gradient path
         # (a shard may own no dense tensor, or no row when a table has fewer rows than shards).
         groups = (
@@ -114,6 +166,7 @@ class ShardState:
             for group in optimizer.param_groups:  # whole tensors: one multi-tensor kernel per op
                 group["foreach"] = True
         self._row_rule = _row_rule(self.optimizers[-1]) if groups[1] else None
+        self._share_row_state()
         # Row gradients are built from unique, sorted ids: opt out of invariant checks explicitly (the
         # default), which also silences torch's warning that they are off.
         torch.sparse.check_sparse_tensor_invariants.disable()
@@ -173,6 +226,11 @@ class ShardState:
             store=store,
             checkpoint_pushes=ps.shard_checkpoint_pushes,
         )
+
+    def _share_row_state(self) -> None:
+        if self._row_rule is not None:
+            for rows in self.row_stores:
+                rows.share_state(self.optimizers[-1], self.params)
 
     # ----------------------------------------------------------------------------------------------
     def _keeps(self) -> dict[str, torch.Tensor]:
@@ -261,17 +319,23 @@ class ShardState:
                 closed = ~self.keeps[name].expand_as(param)
                 guards.append((param, closed, param.detach()[closed].clone()))
             param.grad = g
+        rows: dict[int, tuple[RowStore, list[torch.Tensor], list[torch.Tensor]]] = {}
         for table, (ids, grad) in request.rows.items():
             param, spec = self._table(table), self.layout.tables[table]
             g, local = as_tensor(grad), as_tensor(self.layout.local_rows(ids))
             if spec.param in self.keeps and not (current and self._open[spec.param]):
                 g = self._masked(g, self.keeps[spec.param] & then[spec.param])
             if self._row_rule is not None:
-                self._row_rule(param, self.optimizers[-1].state[param], local, g)
+                block = self._store_of[spec.param]
+                _, indices, grads = rows.setdefault(id(block), (block, [], []))
+                indices.append(local + block.offsets[spec.param])
+                grads.append(g)
             else:
                 param.grad = torch.sparse_coo_tensor(
                     local.unsqueeze(0), g, tuple(param.shape), check_invariants=False, is_coalesced=True
                 )
+        for block, indices, grads in rows.values():  # one update of every table's rows of one width
+            self._row_rule(block.weight, block.state, torch.cat(indices), torch.cat(grads))
         for optimizer in self.optimizers:
             optimizer.step()
         for param in self.params.values():
@@ -375,6 +439,7 @@ class ShardState:
             self.params[name].copy_(as_tensor(value))
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        self._share_row_state()
         self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in state["masks"].items()}
         self.keeps = self._keeps()
         self._open = {name: bool(keep.all()) for name, keep in self.keeps.items()}

@@ -28,7 +28,9 @@ from torchrec_prune.distributed.ps.layout import ParamLayout
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
 from torchrec_prune.importance.neuron import NeuronTaylor
 from torchrec_prune.masks import wrap
+from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
 from torchrec_prune.models import build_dlrm
+from torchrec_prune.models.batched_tables import BatchedEmbeddingBagCollection
 from torchrec_prune.train.job import JobConfig, make_stream, model_config_for
 from torchrec_prune.train.trainer import default_forward
 
@@ -88,6 +90,15 @@ class ChunkReport:
     restarts: list[ShardRestart] = field(default_factory=list)
 
 
+def _batch_tables(model: nn.Module) -> BatchedEmbeddingBagCollection:
+    """Put the wrapped model's tables on the table-batched kernel (as DMP's sharded collection runs
+    them), keeping the mask wrapper and the rest of the model as they are; returns the new collection."""
+    [masked] = [m for m in model.modules() if isinstance(m, MaskedEmbeddingBagCollection)]
+    batched = BatchedEmbeddingBagCollection(masked.embedding_bag_configs())
+    setattr(masked, masked.inner_name, batched)
+    return batched
+
+
 class PSTrainer:
     """Train on partition ``rank`` of ``world`` of the job's stream against the parameter server.
 
@@ -127,6 +138,7 @@ class PSTrainer:
         self.stream = stream
         local = replace(model_config_for(stream, job.model), num_embeddings=ps.cache_rows)
         self.model = wrap(build_dlrm(local))
+        self.tables = _batch_tables(self.model)
         self.params = dict(self.model.named_parameters())
         self.buffers = dict(self.model.named_buffers())
         self.caches = {table: RowCache(ps.cache_rows) for table in layout.tables}
@@ -294,7 +306,7 @@ class PSTrainer:
             self._seen(s, reply.version, reply.incarnation)
             for table, values in reply.rows.items():
                 slots = wanted[(s, table)]
-                self.params[self.layout.tables[table].param].data[as_tensor(slots)] = as_tensor(values)
+                self.tables.table_weight(table)[as_tensor(slots)] = as_tensor(values)
                 self.caches[table].versions[slots] = reply.version
             if requests[s].dense:
                 for name, value in reply.dense.items():
@@ -328,7 +340,7 @@ class PSTrainer:
             if grad is not None:
                 requests[shard].dense[name] = grad.numpy()
         for table, (ids, slots, _) in rows.items():
-            grad = self.params[self.layout.tables[table].param].grad
+            grad = self.tables.table_grad(table)
             if grad is None:
                 continue
             grad_rows = grad[as_tensor(slots)].numpy()
@@ -387,10 +399,7 @@ class PSTrainer:
     # ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Counters for the run folder, with the trainer's table memory (bounded by the cache)."""
-        table_bytes = sum(
-            self.params[spec.param].numel() * self.params[spec.param].element_size()
-            for spec in self.layout.tables.values()
-        )
+        table_bytes = sum(self.tables.table_weight(name).nbytes for name in self.layout.tables)
         evictions = sum(cache.evictions for cache in self.caches.values())
         return self.stats | {
             "table_bytes": table_bytes,
