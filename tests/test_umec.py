@@ -195,3 +195,20 @@ def test_resource_neighbours_equal_a_full_evaluation():
         for i, (layer, k) in enumerate(zip(pruner.layers, ks, strict=True)):
             one_more = [*ks[:i], k + 1, *ks[i + 1 :]]
             assert afters[i] == (resource.evaluate(profiles, one_more) if k + 1 < layer.size else now)
+
+
+def test_table_norms_read_tiled_tables_in_one_pass_with_the_same_result():
+    """Tables laid end to end in one flat weight (as a table-batched kernel holds them) are squared and
+    summed as one tensor; the column norms equal the table-by-table sums."""
+    pruner = UMECPruner(dlrm(), UMECConfig(budget=0.5, phase_steps=10))
+    groups = pruner.groups
+    separate = groups.norms()
+    assert all(span[0] is None for span in groups._spans.values())  # one Parameter per table: copied
+    for key, blocks in groups.tables.items():
+        flat = torch.cat([b.detach().reshape(-1) for b in reversed(blocks)])  # storage order != group order
+        sizes = [b.numel() for b in reversed(blocks)]
+        views = [v.view(-1, key[1]) for v in flat.split(sizes)]
+        groups.tables[key] = list(reversed(views))
+    groups._spans.clear()
+    torch.testing.assert_close(groups.norms(), separate, rtol=1e-5, atol=1e-6)
+    assert all(span[0] is not None for span in groups._spans.values())  # read in place

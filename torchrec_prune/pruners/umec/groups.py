@@ -136,6 +136,27 @@ def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module])
     return out
 
 
+def _column_span(blocks: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor, int] | None:
+    """How ``_column_squares`` reads float32 ``blocks`` of one width: a flat view over them when they
+    tile one storage end to end in some order (a table-batched kernel's tables; else ``None``: they are
+    copied into the buffer), a buffer of their total size, and the most rows up to 128 that divide their
+    row count. ``None`` for other dtypes."""
+    if any(b.dtype != torch.float32 for b in blocks):
+        return None
+    order = sorted(blocks, key=lambda b: b.data_ptr())
+    first = order[0]
+    tiled = all(b.is_contiguous() for b in order) and all(
+        b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+        for a, b in zip(order, order[1:], strict=False)
+    )
+    total = sum(b.numel() for b in order)
+    flat = torch.as_strided(first, (total,), (1,), first.storage_offset()) if tiled else None
+    rows = total // first.shape[1]
+    fold = max(k for k in range(1, min(rows, 128) + 1) if rows % k == 0)
+    return flat, first.new_empty(total), fold
+
+
 @dataclass
 class _Axis:
     """The rows (``dim`` 0, with the bias) or the columns (``dim`` 1) of one Linear that hold groups:
@@ -199,6 +220,7 @@ class GroupMap:
                 groups = (idx.to(device), gid.to(device))
             axis = _Axis(dim, bias, {layer for layer, _ in parts}, groups)
             self.linears.setdefault(fqn, (weight, []))[1].append(axis)
+        self._spans: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, int] | None] = {}
 
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
@@ -216,8 +238,26 @@ class GroupMap:
                     idx, gid = axis.groups
                     out.index_add_(0, gid, sums[idx])
         for (first, width), group in self.tables.items():
-            out[first : first + width] += torch.stack([b.float().square().sum(0) for b in group]).sum(0)
+            out[first : first + width] += self._column_squares((first, width), group)
         return out[:-1]
+
+    def _column_squares(self, key: tuple[int, int], blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over the rows of every block of each column's squares, read as one flat tensor: squared
+        into a buffer kept between steps, summed as wide rows of ``fold`` table rows, then folded to the
+        ``width`` columns. Block by block it cost 0.9 ms on 26 tables of 10k x 4 here; as one, 0.26 ms
+        when they tile one weight (a table-batched kernel's) and 0.55 ms when they are copied first."""
+        if key not in self._spans:
+            self._spans[key] = _column_span(blocks)
+        span = self._spans[key]
+        if span is None:
+            return torch.stack([b.float().square().sum(0) for b in blocks]).sum(0)
+        flat, squares, fold = span
+        if flat is None:
+            torch.cat([b.reshape(-1) for b in blocks], out=squares)
+            squares.mul_(squares)
+        else:
+            torch.mul(flat, flat, out=squares)
+        return squares.view(-1, fold * key[1]).sum(0).view(fold, key[1]).sum(0)
 
     @torch.no_grad()
     def shrink_(self, factor: torch.Tensor, layers: set[int]) -> None:
