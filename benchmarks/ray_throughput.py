@@ -7,9 +7,10 @@ counts the training loop only (process/actor start excluded; for Ray, from the f
 the last). Ray actors come from one pool started once. Also recorded: bytes moved per sample, time per
 pull and push, server service time per push; from those, the scaling model in the results file.
 
-Writes docs/results/ray_throughput.{md,json}.
+Writes docs/results/ray_throughput.{md,json} (``--stem`` names others).
 
     .venv/bin/python benchmarks/ray_throughput.py [--rows 40000] [--repeats 2]
+    .venv/bin/python benchmarks/ray_throughput.py --rows 80000 --global-batch 1024 --stem ray_throughput_b1024
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -91,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--global-batch", type=int, default=256)
+    parser.add_argument("--stem", default="ray_throughput", help="results file names under docs/results")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -117,9 +120,21 @@ def main() -> None:
                     ps = PSConfig(trainers=n, servers=1, staleness=staleness)
                     figures = async_figures(run_async(job, ps, pool=pool))
                 load = os.getloadavg()[0]  # 1-min load average after the run: other users of the cores
-                runs.append({"setup": label, "repeat": repeat, "load_average": load} | figures)
+                utc = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+                runs.append({"setup": label, "repeat": repeat, "load_average": load, "utc": utc} | figures)
                 print(f"{label}: {figures['samples_per_second']:.0f} samples/s", flush=True)
     write(args, cores, setups, runs)
+
+
+def command_flags(args: argparse.Namespace) -> str:
+    defaults = {"rows": 40_000, "global_batch": 256, "repeats": 2, "stem": "ray_throughput"}
+    flags = [f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if defaults.get(k) != v]
+    return "".join(flags)
+
+
+def run_dates(runs: list[dict]) -> str:
+    stamps = sorted(r["utc"] for r in runs)
+    return f"{stamps[0]} to {stamps[-1]} UTC"
 
 
 def write(args: argparse.Namespace, cores: int, setups: list, runs: list[dict]) -> None:
@@ -130,15 +145,17 @@ def write(args: argparse.Namespace, cores: int, setups: list, runs: list[dict]) 
     lines = [
         "# Asynchronous parameter server on Ray: throughput next to one process and 2-rank DMP",
         "",
-        f"Synthetic stream, {args.rows} rows, global batch {args.global_batch} (2 trainers: 128 each), "
-        "reference DLRM (emb dim 4, bottom 256-128-64-4, top 256-128-1, 10k-row tables), Adagrad, one "
-        f"intra-op thread per process; {args.repeats} repeats, the five setups interleaved in each repeat by "
-        f"`benchmarks/ray_throughput.py` on {platform.machine()} with {cores} cores. **Other engineers ran "
-        "tests on this machine at the same time** (1-min load average after the runs: "
-        f"{min(r['load_average'] for r in runs):.1f} to {max(r['load_average'] for r in runs):.1f} on "
-        f"{cores} cores): absolute rates are noisy, ratios within a repeat less so.",
+        f"Synthetic stream, {args.rows} rows, global batch {args.global_batch} (2 trainers or ranks: "
+        f"{args.global_batch // 2} each), reference DLRM (emb dim 4, bottom 256-128-64-4, top 256-128-1, "
+        f"10k-row tables), Adagrad, one intra-op thread per process; {args.repeats} repeats, the five setups "
+        f"interleaved in each repeat by `benchmarks/ray_throughput.py{command_flags(args)}` on "
+        f"{platform.machine()} with {cores} cores, {run_dates(runs)} (1-min load average after each run: "
+        f"{min(r['load_average'] for r in runs):.1f} to {max(r['load_average'] for r in runs):.1f}; a "
+        "setup's own processes count in it).",
         "Ray: embedded on loopback, 1 server shard, driver in the benchmark process (1 intra-op thread), "
-        "every actor `num_cpus=0` (trainers, shard and driver share the 2 cores).",
+        "every actor `num_cpus=0` (trainers, shard and driver share the 2 cores), arguments and results up "
+        "to 8 MiB sent inline with the call (`runtime.INLINE_BYTES`); each trainer holds 4096 rows per "
+        "table in one pool shared by the 26 tables (`--cache-rows`).",
         "",
         "| setup | samples/s (median) | min | max | vs 1 process | vs 2-rank DMP | last-quarter CE |",
         "|---|---|---|---|---|---|---|",
@@ -179,8 +196,9 @@ def write(args: argparse.Namespace, cores: int, setups: list, runs: list[dict]) 
     driver = med(one, "driver_cpu_ms_per_batch")
     lines += scaling_model(t_c, s_push, s_pull, driver, per_sample, batch)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ray_throughput.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
-    (OUT / "ray_throughput.md").write_text("\n".join(lines) + "\n")
+    stem = args.stem
+    (OUT / f"{stem}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -68,12 +68,34 @@ def test_mixed_poolings_are_refused() -> None:
         BatchedEmbeddingBagCollection(configs)
 
 
+def test_a_shared_pool_serves_every_feature_from_the_rows_it_is_given() -> None:
+    """Pool mode: ids are pool rows, whatever the feature; gradients land on those rows."""
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=1, feature_names=[f"f{i}"])
+        for i in range(3)
+    ]
+    pool = BatchedEmbeddingBagCollection(configs, pool_rows=6)
+    pool.pool_weight().copy_(torch.arange(24.0).view(6, 4))
+    kjt = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"], values=torch.tensor([5, 0, 2, 5]), lengths=torch.tensor([1, 2, 1])
+    )
+    out = pool(kjt)
+    assert out["f0"].tolist() == [[20.0, 21.0, 22.0, 23.0]]
+    assert out["f1"].tolist() == [[8.0, 10.0, 12.0, 14.0]]  # rows 0 and 2 summed
+    out.values().sum().backward()
+    assert pool.pool_grad()[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 2.0]
+    wide = [*configs, EmbeddingBagConfig(name="t9", embedding_dim=8, num_embeddings=1, feature_names=["f9"])]
+    with pytest.raises(ValueError, match="one width"):
+        BatchedEmbeddingBagCollection(wide, pool_rows=6)
+
+
 def test_wrapped_model_keeps_its_mask_wrapper_when_the_tables_are_batched() -> None:
     from torchrec_prune.distributed.ps.trainer import _batch_tables
     from torchrec_prune.models import DLRMConfig, build_dlrm
 
     model = wrap(build_dlrm(DLRMConfig(num_embeddings=8)))
-    batched = _batch_tables(model)
+    batched = _batch_tables(model, pool_rows=64)
     [masked] = [m for m in model.modules() if isinstance(m, MaskedEmbeddingBagCollection)]
     assert masked.inner is batched
+    assert batched.pool_weight().shape == (64, 4)
     assert not any(isinstance(m, EmbeddingBagCollection) for m in model.modules())

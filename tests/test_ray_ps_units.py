@@ -90,6 +90,7 @@ def test_row_cache_maps_ids_like_a_dictionary_lru_over_a_random_stream():
             slot_of.pop(int(row_of[slot]), None)
             slot_of[i], row_of[slot], used[slot] = slot, i, batch
         assert len(cache) == len(slot_of)
+        assert len(cache._queue) <= 2 * cache.capacity  # stale queue entries are dropped
 
 
 def test_layout_shards_rows_by_id_and_round_trips_the_model():

@@ -9,7 +9,9 @@ kernel), for code that must see the gradient instead of having a fused optimizer
 parameter server's trainers push it.
 
 All tables live in one flat parameter; ``table_weight`` and ``table_grad`` are row-major views of one
-table in it.
+table in it. With ``pool_rows`` every feature looks up one shared pool of rows instead (tables of one
+width): a caller that maps each table's ids to rows of the pool itself (the parameter server's
+trainers: a row cache over all tables) reads and writes it with ``pool_weight`` and ``pool_grad``.
 
 Example::
 
@@ -48,12 +50,15 @@ class BatchedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         tables: the collection's tables, as for ``EmbeddingBagCollection``; all with one pooling.
+        pool_rows: when set, one pool of this many rows shared by every feature (the ids a forward gets
+            are pool rows); the tables' own sizes are then not used.
 
     Raises:
-        ValueError: tables with different poolings, or a pooling other than sum or mean.
+        ValueError: tables with different poolings, or a pooling other than sum or mean; with
+            ``pool_rows``, tables of different widths.
     """
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig]) -> None:
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], pool_rows: int | None = None) -> None:
         super().__init__()
         self._configs = list(tables)
         poolings = {config.pooling for config in self._configs}
@@ -61,16 +66,24 @@ class BatchedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError(f"tables must share one pooling, sum or mean; got {sorted(map(str, poolings))}")
         self._features = [name for config in self._configs for name in config.feature_names]
         self._dims = [config.embedding_dim for config in self._configs for _ in config.feature_names]
+        specs = [(config.num_embeddings, config.embedding_dim) for config in self._configs]
         feature_table = [t for t, config in enumerate(self._configs) for _ in config.feature_names]
+        if pool_rows is not None:
+            if len(set(self._dims)) != 1:
+                widths = sorted(set(self._dims))
+                raise ValueError(f"a shared pool needs tables of one width; got widths {widths}")
+            specs, feature_table = [(pool_rows, self._dims[0])], [0] * len(self._features)
+        self.pool_rows = pool_rows
         self.tbe = DenseTableBatchedEmbeddingBagsCodegen(
-            [(config.num_embeddings, config.embedding_dim) for config in self._configs],
+            specs,
             feature_table_map=feature_table,
             pooling_mode=_POOLING[next(iter(poolings))],
             use_cpu=True,
         )
         self._spans: dict[str, tuple[int, int, int]] = {}  # table -> (offset, rows, dim) in the flat weight
-        for config, offset in zip(self._configs, self.tbe.weights_physical_offsets, strict=False):
-            self._spans[config.name] = (offset, config.num_embeddings, config.embedding_dim)
+        if pool_rows is None:
+            for config, offset in zip(self._configs, self.tbe.weights_physical_offsets, strict=False):
+                self._spans[config.name] = (offset, config.num_embeddings, config.embedding_dim)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.keys() != self._features:
@@ -83,6 +96,15 @@ class BatchedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def is_weighted(self) -> bool:
         return False
+
+    def pool_weight(self) -> torch.Tensor:
+        """The shared pool's rows (``pool_rows`` set): a view of the parameter, writes untracked."""
+        return self.tbe.weights.detach().view(self.pool_rows, -1)
+
+    def pool_grad(self) -> torch.Tensor | None:
+        """The pool's rows of the last backward's gradient, or ``None`` before any."""
+        grad = self.tbe.weights.grad
+        return None if grad is None else grad.view(self.pool_rows, -1)
 
     def table_weight(self, table: str) -> torch.Tensor:
         """``table``'s rows: a view into the flat weight (writes go to the parameter, not tracked)."""

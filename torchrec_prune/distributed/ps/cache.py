@@ -3,8 +3,9 @@
 The trainer runs the library's DLRM with tables of ``capacity`` rows and rewrites each batch's ids to
 slots, so the forward code is unchanged and the trainer's memory is set by ``capacity``, not by the
 tables' size. Each slot remembers the server version its row was pulled at, to decide when to re-pull,
-and the batch that last used it: eviction takes the least recently used slots, chosen with one
-vectorised partial sort per batch instead of a linked list walked id by id. Ids are found through a
+and the batch that last used it: eviction takes the least recently used slots from a queue of slots in
+order of use (an entry is stale once its slot is used again, and skipped), so a batch costs what it
+touches, not a pass over every slot (a partial sort of 106k slots took 4.8 ms). Ids are found through a
 sorted array of the cached ids (one binary search for the whole batch), not a dict probed id by id:
 with 26 tables and 512-row batches the dict cost 4 ms a step.
 """
@@ -32,6 +33,8 @@ class RowCache:
         self._key_slots = np.empty(0, dtype=np.int64)  # their slots
         self._row_of = np.full(capacity, -1, dtype=np.int64)  # -1: free slot
         self._used = np.full(capacity, -1, dtype=np.int64)  # batch that last used the slot
+        self._queue = np.arange(capacity, dtype=np.int64)  # slots, least recently used first (+ stale)
+        self._queued_at = np.full(capacity, -1, dtype=np.int64)  # batch of each queue entry
         self._batch = 0
         self.versions = np.full(capacity, -1, dtype=np.int64)  # -1: never pulled
         self.evictions = 0
@@ -58,8 +61,7 @@ class RowCache:
         self._used[slots[found]] = self._batch
         count = int(new.sum())
         if count:
-            # Free slots have _used -1, so they come first; slots used by this batch are never taken.
-            order = np.argpartition(self._used, count - 1)[:count]
+            order = self._least_recent(count)
             old = self._row_of[order]
             evicted = old[old >= 0]
             self.evictions += len(evicted)
@@ -73,7 +75,28 @@ class RowCache:
             index = np.argsort(keys, kind="stable")
             self._keys = keys[index]
             self._key_slots = np.concatenate([self._key_slots[keep], order])[index]
+        self._queue = np.concatenate([self._queue, slots])
+        self._queued_at = np.concatenate([self._queued_at, np.full(len(slots), self._batch)])
+        if len(self._queue) > 2 * self.capacity:  # mostly stale entries (hits): keep the current ones
+            current = self._used[self._queue] == self._queued_at
+            self._queue, self._queued_at = self._queue[current], self._queued_at[current]
         return slots, new
+
+    def _least_recent(self, count: int) -> np.ndarray:
+        """Take the ``count`` least recently used slots off the queue (free ones come first: they were
+        queued at -1). An entry whose slot was used after it was queued is stale and dropped; slots this
+        batch uses are stale by now, so they are never taken."""
+        taken: list[np.ndarray] = []
+        head = 0
+        while count:
+            end = min(len(self._queue), head + 2 * count + 64)
+            queued = self._queue[head:end]
+            current = np.flatnonzero(self._used[queued] == self._queued_at[head:end])[:count]
+            taken.append(queued[current])
+            count -= len(current)
+            head = head + int(current[-1]) + 1 if count == 0 else end
+        self._queue, self._queued_at = self._queue[head:], self._queued_at[head:]
+        return np.concatenate(taken)
 
     def clear(self) -> None:
         """Forget every row (after a mask change every weight must be pulled again)."""
@@ -81,4 +104,6 @@ class RowCache:
         self._key_slots = np.empty(0, dtype=np.int64)
         self._row_of[:] = -1
         self._used[:] = -1
+        self._queue = np.arange(self.capacity, dtype=np.int64)
+        self._queued_at = np.full(self.capacity, -1, dtype=np.int64)
         self.versions[:] = -1

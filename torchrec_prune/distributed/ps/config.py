@@ -25,8 +25,9 @@ class PSConfig:
         staleness: a trainer computes on weights pulled at most ``staleness - 1`` server versions before
             the latest version it knows of (``--staleness``, >= 1). With one trainer, 1 is the synchronous
             update rule: it pulls before every step.
-        cache_rows: embedding rows per table a trainer holds (``--cache-rows``); least recently used rows
-            are evicted, so trainer memory does not grow with the tables. At least the batch size.
+        cache_rows: embedding rows per table a trainer holds (``--cache-rows``), in one pool of
+            ``cache_rows * tables`` rows shared by all tables; least recently used rows are evicted, so
+            trainer memory does not grow with the tables. At least the batch size.
         chunk_steps: batches a trainer runs per call from the driver (``--chunk-steps``); the driver keeps
             two calls queued per trainer, so a trainer never idles waiting for the driver.
         regrow_value: value re-opened weights start from on the server. 0 (the library's rule) keeps the

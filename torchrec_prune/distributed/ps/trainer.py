@@ -36,7 +36,6 @@ from torchrec_prune.train.trainer import default_forward
 
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 _NEVER = -(10**9)  # version of a copy that was never pulled
-Rows = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # table -> (distinct ids, slots, new)
 
 
 class ShardClients(Protocol):
@@ -51,6 +50,23 @@ class ShardClients(Protocol):
         ...
 
     def wait(self, pending: Any) -> dict[int, PushReply]: ...
+
+
+@dataclass
+class Rows:
+    """A batch's distinct rows of every table, in table order then id order.
+
+    ``keys`` are global row keys (a table's base plus the id), ``slots`` their rows in the trainer's
+    pool, ``new`` which were not cached; ``table`` the index of each row's table and ``inverse`` the
+    position in ``keys`` of each id of the batch, feature by feature.
+    """
+
+    keys: np.ndarray
+    ids: np.ndarray
+    table: np.ndarray
+    slots: np.ndarray
+    new: np.ndarray
+    inverse: np.ndarray
 
 
 @dataclass
@@ -90,11 +106,12 @@ class ChunkReport:
     restarts: list[ShardRestart] = field(default_factory=list)
 
 
-def _batch_tables(model: nn.Module) -> BatchedEmbeddingBagCollection:
+def _batch_tables(model: nn.Module, pool_rows: int) -> BatchedEmbeddingBagCollection:
     """Put the wrapped model's tables on the table-batched kernel (as DMP's sharded collection runs
-    them), keeping the mask wrapper and the rest of the model as they are; returns the new collection."""
+    them), as one pool of ``pool_rows`` rows that the trainer's row cache fills with the rows of every
+    table, keeping the mask wrapper and the rest of the model as they are; returns the new collection."""
     [masked] = [m for m in model.modules() if isinstance(m, MaskedEmbeddingBagCollection)]
-    batched = BatchedEmbeddingBagCollection(masked.embedding_bag_configs())
+    batched = BatchedEmbeddingBagCollection(masked.embedding_bag_configs(), pool_rows=pool_rows)
     setattr(masked, masked.inner_name, batched)
     return batched
 
@@ -136,13 +153,16 @@ class PSTrainer:
         self.train = job.train
         stream = make_stream(job)
         self.stream = stream
-        local = replace(model_config_for(stream, job.model), num_embeddings=ps.cache_rows)
-        self.model = wrap(build_dlrm(local))
-        self.tables = _batch_tables(self.model)
+        self.model = wrap(build_dlrm(replace(model_config_for(stream, job.model), num_embeddings=1)))
+        self.table_names = list(layout.tables)
+        self.pool = _batch_tables(self.model, ps.cache_rows * len(self.table_names))
         self.params = dict(self.model.named_parameters())
         self.buffers = dict(self.model.named_buffers())
-        self.caches = {table: RowCache(ps.cache_rows) for table in layout.tables}
-        self.feature_table = layout.feature_table()
+        self.cache = RowCache(ps.cache_rows * len(self.table_names))
+        sizes = [spec.num_embeddings for spec in layout.tables.values()]
+        self.bases = np.cumsum([0, *sizes[:-1]]).astype(np.int64)  # global key of each table's row 0
+        self.table_index = {f: self.table_names.index(t) for f, t in layout.feature_table().items()}
+        self._key_bases: dict[tuple[str, ...], np.ndarray] = {}  # feature order -> each feature's base
         modules = dict(self.model.named_modules())
         self.taylor_layers = {fqn: modules[fqn] for fqn in taylor_layers}
         self.known = np.zeros(layout.shards, dtype=np.int64)  # latest server version seen, per shard
@@ -235,45 +255,52 @@ class PSTrainer:
 
     # ----------------------------------------------------------------------------------------------
     def _rows(self, kjt: KeyedJaggedTensor) -> Rows:
-        """Per table: distinct global ids, their cache slots, and which are new to the cache."""
-        ids: dict[str, list[np.ndarray]] = {}
-        values, offsets = kjt.values().numpy(), kjt.offset_per_key()
-        for i, key in enumerate(kjt.keys()):
-            ids.setdefault(self.feature_table[key], []).append(values[offsets[i] : offsets[i + 1]])
-        out = {}
-        for table, parts in ids.items():
-            unique = np.unique(parts[0] if len(parts) == 1 else np.concatenate(parts))
-            slots, new = self.caches[table].assign(unique)
-            out[table] = (unique, slots, new)
-        return out
+        """The batch's distinct rows of all tables at once: global keys, pool slots, what is new."""
+        names = tuple(kjt.keys())
+        bases = self._key_bases.get(names)
+        if bases is None:
+            bases = self._key_bases[names] = self.bases[[self.table_index[k] for k in names]]
+        keys, inverse = np.unique(
+            kjt.values().numpy() + np.repeat(bases, kjt.length_per_key()), return_inverse=True
+        )
+        table = np.searchsorted(self.bases, keys, side="right") - 1
+        slots, new = self.cache.assign(keys)
+        return Rows(keys, keys - self.bases[table], table, slots, new, inverse)
 
     def _remap(self, kjt: KeyedJaggedTensor, rows: Rows) -> KeyedJaggedTensor:
-        """The batch's ids rewritten to cache slots (the local tables' row indices)."""
-        values = kjt.values().numpy()
-        out = np.empty_like(values)
-        offsets = kjt.offset_per_key()
-        for i, key in enumerate(kjt.keys()):
-            unique, slots, _ = rows[self.feature_table[key]]
-            segment = values[offsets[i] : offsets[i + 1]]
-            out[offsets[i] : offsets[i + 1]] = slots[np.searchsorted(unique, segment)]
+        """The batch's ids rewritten to pool slots (the local pool's row indices)."""
         return KeyedJaggedTensor(
-            keys=kjt.keys(), values=as_tensor(out), lengths=kjt.lengths(), stride=kjt.stride()
+            keys=kjt.keys(),
+            values=as_tensor(rows.slots[rows.inverse]),
+            lengths=kjt.lengths(),
+            stride=kjt.stride(),
         )
+
+    def _by_table(self, rows: Rows, pick: np.ndarray, *columns: np.ndarray) -> dict[str, Any]:
+        """The picked rows' ``columns``, split by table (rows are in table order): one array per table,
+        or a tuple of them for several columns."""
+        where = np.flatnonzero(pick)
+        bounds = np.searchsorted(rows.table[where], np.arange(len(self.table_names) + 1))
+        out: dict[str, Any] = {}
+        for t, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if b > a:
+                parts = tuple(c[where[a:b]] for c in columns)
+                out[self.table_names[t]] = parts if len(parts) > 1 else parts[0]
+        return out
 
     @torch.no_grad()
     def _refresh(self, rows: Rows) -> np.ndarray:
         """Pull rows and dense tensors ``staleness`` versions old; returns each shard's copy version."""
         shards, staleness = self.layout.shards, self.ps.staleness
+        owner = self.layout.row_owner(rows.ids)
+        stale = rows.new | (self.known[owner] - self.cache.versions[rows.slots] >= staleness)
         requests: dict[int, PullRequest] = {}
-        wanted: dict[tuple[int, str], np.ndarray] = {}
-        for table, (ids, slots, new) in rows.items():
-            owner = self.layout.row_owner(ids)
-            stale = new | (self.known[owner] - self.caches[table].versions[slots] >= staleness)
-            for s in range(shards):
-                pick = stale & (owner == s)
-                if pick.any():
-                    requests.setdefault(s, PullRequest()).rows[table] = ids[pick]
-                    wanted[(s, table)] = slots[pick]
+        wanted: dict[int, np.ndarray] = {}
+        for s in range(shards):
+            pick = stale & (owner == s) if shards > 1 else stale
+            if pick.any():
+                requests[s] = PullRequest(rows=self._by_table(rows, pick, rows.ids))
+                wanted[s] = rows.slots[pick]
         for s in range(shards):
             if self.known[s] - self.dense_version[s] >= staleness:
                 request = requests.setdefault(s, PullRequest())
@@ -285,29 +312,28 @@ class PSTrainer:
             self.stats["pulls"] += 1
             self._load(requests, replies, wanted)
         copy = self.dense_version.copy()
-        for table, (ids, slots, _) in rows.items():
-            owner = self.layout.row_owner(ids)
-            versions = self.caches[table].versions[slots]
-            for s in range(shards):
-                if (owner == s).any():
-                    copy[s] = min(copy[s], int(versions[owner == s].min()))
+        versions = self.cache.versions[rows.slots]
+        for s in range(shards):
+            mine = versions[owner == s] if shards > 1 else versions
+            if len(mine):
+                copy[s] = min(copy[s], int(mine.min()))
         return copy
 
     def _load(
         self,
         requests: dict[int, PullRequest],
         replies: dict[int, PullReply],
-        wanted: dict[tuple[int, str], np.ndarray],
+        wanted: dict[int, np.ndarray],
     ) -> None:
         masks: dict[str, np.ndarray] = {}
         newest = self.mask_version
+        pool = self.pool.pool_weight()
         for s, reply in replies.items():
             self.stats["bytes_pulled"] += reply.nbytes
             self._seen(s, reply.version, reply.incarnation)
-            for table, values in reply.rows.items():
-                slots = wanted[(s, table)]
-                self.tables.table_weight(table)[as_tensor(slots)] = as_tensor(values)
-                self.caches[table].versions[slots] = reply.version
+            if reply.rows:  # in the order asked: table order, then id order, as ``wanted[s]``
+                pool[as_tensor(wanted[s])] = as_tensor(np.concatenate(list(reply.rows.values())))
+                self.cache.versions[wanted[s]] = reply.version
             if requests[s].dense:
                 for name, value in reply.dense.items():
                     self.params[name].data.copy_(as_tensor(value))
@@ -339,16 +365,14 @@ class PSTrainer:
             grad = self.params[name].grad
             if grad is not None:
                 requests[shard].dense[name] = grad.numpy()
-        for table, (ids, slots, _) in rows.items():
-            grad = self.tables.table_grad(table)
-            if grad is None:
-                continue
-            grad_rows = grad[as_tensor(slots)].numpy()
-            owner = self.layout.row_owner(ids)
+        grad = self.pool.pool_grad()
+        if grad is not None:
+            grad_rows = grad[as_tensor(rows.slots)].numpy()
+            owner = self.layout.row_owner(rows.ids)
             for s in range(self.layout.shards):
-                pick = owner == s
+                pick = owner == s if self.layout.shards > 1 else np.ones(len(owner), dtype=bool)
                 if pick.any():
-                    requests[s].rows[table] = (ids[pick], grad_rows[pick])
+                    requests[s].rows = self._by_table(rows, pick, rows.ids, grad_rows)
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
         started = time.perf_counter()
         if self.ps.staleness > 1:  # the next step may compute before this push is applied
@@ -391,16 +415,15 @@ class PSTrainer:
 
     def _invalidate(self) -> None:
         """New masks on the server: re-pull every weight (and the masks) before the next step."""
-        for cache in self.caches.values():
-            cache.clear()
+        self.cache.clear()
         self.dense_version[:] = _NEVER
         self._copies_invalid = False
 
     # ----------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Counters for the run folder, with the trainer's table memory (bounded by the cache)."""
-        table_bytes = sum(self.tables.table_weight(name).nbytes for name in self.layout.tables)
-        evictions = sum(cache.evictions for cache in self.caches.values())
+        table_bytes = self.pool.pool_weight().nbytes
+        evictions = self.cache.evictions
         return self.stats | {
             "table_bytes": table_bytes,
             "evictions": evictions,
