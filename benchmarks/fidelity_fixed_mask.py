@@ -73,17 +73,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--stem", default="fidelity_fixed_mask", help="output file stem, e.g. for a drift-0 control"
     )
+    p.add_argument("--phase-rows", type=int, help="synthetic pruning phase (default 51,200: 100 steps)")
+    p.add_argument("--fixed-rows", type=int, help="synthetic rows with the mask fixed (default 51,200)")
+    p.add_argument("--window", type=int, help="synthetic look-ahead window (default 25,600)")
     return p.parse_args()
 
 
+def plan_of(dataset: str, args: argparse.Namespace) -> tuple[int, int, int, int, int]:
+    """``PLANS[dataset]`` with the synthetic phase, fixed stretch and window the flags name."""
+    pre, phase, fixed, window, batch = PLANS[dataset]
+    if dataset == "synthetic":
+        phase, fixed = args.phase_rows or phase, args.fixed_rows or fixed
+        window = args.window or window
+    return pre, phase, fixed, window, batch
+
+
 def spec_of(dataset: str, seed: int, args: argparse.Namespace) -> StreamSpec:
-    pre, phase, fixed, _, _ = PLANS[dataset]
+    pre, phase, fixed, _, _ = plan_of(dataset, args)
     drift = args.drift_per_100k if dataset == "synthetic" else 0.0
     return StreamSpec(dataset, seed, pre, pre + phase + fixed, drift)
 
 
 def train_of(dataset: str, args: argparse.Namespace) -> TrainConfig:
-    window, batch = PLANS[dataset][3], PLANS[dataset][4]
+    window, batch = plan_of(dataset, args)[3:]
     return TrainConfig(batch_size=batch, lr=args.lr, window=window, increment_rows=window, progress=False)
 
 
@@ -95,7 +107,7 @@ def run_task(job: tuple[str, int, argparse.Namespace]) -> dict:
     spec, train = spec_of(dataset, seed, args), train_of(dataset, args)
     ckpt = dense_checkpoint(spec, train)
     stream = spec.stream()
-    pre, phase, fixed, _, _ = PLANS[dataset]
+    pre, phase, fixed, _, _ = plan_of(dataset, args)
     heldout = criteo_heldout() if dataset == "criteo" else None
 
     def run(prune: PruneConfig | None, stop: int = spec.total_rows) -> tuple[PruneResult, list[float]]:
@@ -134,6 +146,7 @@ def run_task(job: tuple[str, int, argparse.Namespace]) -> dict:
         "seed": seed,
         "pretrain_rows": pre,
         "phase_rows": phase,
+        "window": train.window,
         "fixed_rows": fixed,
         "phase_steps": steps,
         "pretrain_ne": ckpt.ne,
@@ -261,6 +274,7 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
         seeds = [t["seed"] for t in mine]
         if dataset == "synthetic":
             pos = statistics.fmean(p for t in mine for p in t["positives"])
+            window = t0.get("window", PLANS[dataset][3])
             what = (
                 f"Synthetic stream, drift {args.drift_per_100k} rotations per 100k rows (stream seed = "
                 f"seed). Dense pre-training {t0['pretrain_rows']:,} rows (batch {PLANS[dataset][4]}); its "
@@ -268,8 +282,8 @@ def write_markdown(report: dict, args: argparse.Namespace) -> None:
                 + ", ".join(f"{100 * t['pretrain_flatness']:+.2f}%" for t in mine)
                 + " from the second-last to the last quarter of pre-training (per seed). Then pruning "
                 f"phase {t0['phase_rows']:,} rows ({t0['phase_steps']} steps) and {t0['fixed_rows']:,} "
-                f"rows with the mask fixed: {t0['fixed_rows'] // PLANS[dataset][3]} "
-                f"fixed-mask windows of {PLANS[dataset][3]:,} samples (about {pos:.0f} positives each). "
+                f"rows with the mask fixed: {t0['fixed_rows'] // window} "
+                f"fixed-mask windows of {window:,} samples (about {pos:.0f} positives each). "
                 "Metric: mean over the fixed-mask windows of the paired CE increase."
             )
         else:
