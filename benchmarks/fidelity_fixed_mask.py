@@ -1,10 +1,11 @@
 """Powered fixed-mask comparison: AUX vs MP / TP / MoP (D2S paper 6.1, Table 1, Fig. 5).
 
 Per dataset and seed, every arm starts from the same converged dense checkpoint (``fidelity_common``):
-a pruning phase of hundreds of steps, then a long stretch with the mask fixed, while the dense model
-trains on over the same rows. Each arm's CE is compared with the dense model's *on the same samples*
-(synthetic: look-ahead windows of 51,200 samples; Criteo head: the 800 held-out dev+test rows after
-training, as the head is replayed for epochs), averaged over the fixed-mask windows per seed, and the
+a pruning phase, then a stretch with the mask fixed, while the dense model trains on over the same rows.
+Each arm's CE is compared with the dense model's *on the same samples* (synthetic: look-ahead windows,
+by default 25,600 samples after a 100-step phase, the planned powered sizes with the flags below;
+Criteo head: the 800 held-out dev+test rows after training, as the head is replayed for epochs),
+averaged over the fixed-mask windows per seed, and the
 differences are summarised by a 95% t-interval over seeds. AUX's lambda is searched per seed and target;
 the baselines ramp to the sparsity AUX reached, the same in every layer.
 
@@ -17,6 +18,9 @@ Writes docs/results/fidelity_fixed_mask.{md,json} and fidelity_fixed_mask_<datas
     .venv/bin/python benchmarks/fidelity_fixed_mask.py --replot
     .venv/bin/python benchmarks/fidelity_fixed_mask.py --datasets synthetic --drift-per-100k 0 \
         --stem fidelity_fixed_mask_stationary                        # the stationary control
+    .venv/bin/python benchmarks/fidelity_fixed_mask.py --datasets synthetic --seeds 0,1,2,3,4,5,6,7,8,9 \
+        --phase-rows 153600 --fixed-rows 102400 --window 51200 \
+        --stem fidelity_fixed_mask_powered                           # 300-step phases, 51.2k windows: 21 min
 """
 
 from __future__ import annotations
