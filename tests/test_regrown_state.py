@@ -47,15 +47,21 @@ def _layer_mean(value: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return value.double()[kept.expand_as(value)].mean().to(value.dtype)
 
 
-def _swapped(make: Callable[..., torch.optim.Optimizer], regrown_state: str, keep_now: torch.Tensor):
-    """Close rows 6, 7 and train, then set ``keep_now`` (re-opening 6, 7) in one mask change; returns the
-    layer, its optimizer and the state just before that change."""
+def _pruned(make: Callable[..., torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Train, close rows 6, 7 of the first layer, train again; returns that layer and the optimizer."""
     model = _mlp()
     layer = model[0]
     optimizer = make(model.parameters())
     _train(model, optimizer)
     tp.prune_(layer, [optimizer], neuron_mask=~_rows(6, 7))
     _train(model, optimizer)
+    return layer, optimizer
+
+
+def _swapped(make: Callable[..., torch.optim.Optimizer], regrown_state: str, keep_now: torch.Tensor):
+    """Close rows 6, 7 and train, then set ``keep_now`` (re-opening 6, 7) in one mask change; returns the
+    layer, its optimizer and the state just before that change."""
+    layer, optimizer = _pruned(make)
     before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in (layer.weight, layer.bias)}
     set_masks_(layer, [optimizer], regrown_state=regrown_state, neuron_mask=keep_now)
     return layer, optimizer, before
@@ -66,12 +72,7 @@ def _adagrad(params) -> torch.optim.Adagrad:
 
 
 def test_regrowth_resets_accumulators_to_their_initial_value_by_default():
-    model = _mlp()
-    layer = model[0]
-    optimizer = _adagrad(model.parameters())
-    _train(model, optimizer)
-    tp.prune_(layer, [optimizer], neuron_mask=~_rows(6, 7))
-    _train(model, optimizer)
+    layer, optimizer = _pruned(_adagrad)
     tp.grow_(layer, [optimizer], neuron_mask=torch.ones(8, dtype=torch.bool))
     assert torch.all(optimizer.state[layer.weight]["sum"][6:] == INIT)
     assert torch.all(optimizer.state[layer.bias]["sum"][6:] == INIT)
