@@ -297,7 +297,7 @@ class PSTrainer:
         requests: dict[int, PullRequest] = {}
         wanted: dict[int, np.ndarray] = {}
         for s in range(shards):
-            pick = stale & (owner == s) if shards > 1 else stale
+            pick = stale & (owner == s)
             if pick.any():
                 requests[s] = PullRequest(rows=self._by_table(rows, pick, rows.ids))
                 wanted[s] = rows.slots[pick]
@@ -314,7 +314,7 @@ class PSTrainer:
         copy = self.dense_version.copy()
         versions = self.cache.versions[rows.slots]
         for s in range(shards):
-            mine = versions[owner == s] if shards > 1 else versions
+            mine = versions[owner == s]
             if len(mine):
                 copy[s] = min(copy[s], int(mine.min()))
         return copy
@@ -370,7 +370,7 @@ class PSTrainer:
             grad_rows = grad[as_tensor(rows.slots)].numpy()
             owner = self.layout.row_owner(rows.ids)
             for s in range(self.layout.shards):
-                pick = owner == s if self.layout.shards > 1 else np.ones(len(owner), dtype=bool)
+                pick = owner == s
                 if pick.any():
                     requests[s].rows = self._by_table(rows, pick, rows.ids, grad_rows)
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
