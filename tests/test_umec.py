@@ -197,18 +197,43 @@ def test_resource_neighbours_equal_a_full_evaluation():
             assert afters[i] == (resource.evaluate(profiles, one_more) if k + 1 < layer.size else now)
 
 
-def test_table_norms_read_tiled_tables_in_one_pass_with_the_same_result():
-    """Tables laid end to end in one flat weight (as a table-batched kernel holds them) are squared and
-    summed as one tensor; the column norms equal the table-by-table sums."""
-    pruner = UMECPruner(dlrm(), UMECConfig(budget=0.5, phase_steps=10))
+def test_tables_are_tiled_into_one_buffer_read_in_place_and_train_as_before():
+    """UMEC lays the unsharded tables end to end in one buffer (as a table-batched kernel holds them):
+    the Parameters keep identity and values, an optimizer built before keeps training them exactly as
+    without tiling, the column norms are read in place and equal the table-by-table sums, and the
+    proximal step shrinks a column of every table."""
+    model, untouched = dlrm(), dlrm()
+    ebc = model.get_submodule(EBC)
+    params = dict(ebc.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    pruner = UMECPruner(model, UMECConfig(budget=0.5, phase_steps=10))
     groups = pruner.groups
-    separate = groups.norms()
-    assert all(span[0] is None for span in groups._spans.values())  # one Parameter per table: copied
-    for key, blocks in groups.tables.items():
-        flat = torch.cat([b.detach().reshape(-1) for b in reversed(blocks)])  # storage order != group order
-        sizes = [b.numel() for b in reversed(blocks)]
-        views = [v.view(-1, key[1]) for v in flat.split(sizes)]
-        groups.tables[key] = list(reversed(views))
-    groups._spans.clear()
-    torch.testing.assert_close(groups.norms(), separate, rtol=1e-5, atol=1e-6)
-    assert all(span[0] is not None for span in groups._spans.values())  # read in place
+    assert dict(ebc.named_parameters()) == params  # the same objects
+    assert len({p.untyped_storage().data_ptr() for p in params.values()}) == 1
+    for name, p in params.items():
+        assert torch.equal(p.detach(), before[name])
+    dims = next(i for i, layer in enumerate(pruner.layers) if layer.kind == "dims")
+    first = groups.offsets[dims]
+    bottom = model.get_submodule("model.dense_arch.model._mlp.2._linear")
+    expected = sum(p.detach().square().sum(0) for p in params.values())
+    expected = expected + bottom.weight.detach().square().sum(1) + bottom.bias.detach().square()
+    expected = expected + model.get_submodule(TOP).weight.detach()[:, :4].square().sum(0)
+    torch.testing.assert_close(groups.norms()[first : first + 4], expected, rtol=1e-5, atol=1e-6)
+    assert all(span is not None and span[0] is not None for span in groups._spans.values())  # in place
+    factor = torch.ones(groups.size)
+    factor[first + 2] = 0.5
+    groups.shrink_(factor, {dims})
+    for name, p in params.items():
+        assert torch.equal(p.detach()[:, 2], 0.5 * before[name][:, 2])
+        assert torch.equal(p.detach()[:, [0, 1, 3]], before[name][:, [0, 1, 3]])
+    groups.shrink_(1 / factor, {dims})  # halving and doubling are exact: the untouched model's weights
+    other = torch.optim.Adagrad(untouched.parameters(), lr=0.05)
+    batch = next(iter(stream().batches(64)))
+    for m, opt in ((model, optimizer), (untouched, other)):
+        for _ in range(3):
+            opt.zero_grad()
+            m(batch)[0].backward()
+            opt.step()
+    for (name, a), b in zip(model.state_dict().items(), untouched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -29,9 +29,11 @@ per step) before anything is derived from them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,28 +60,40 @@ from torchrec_prune.train.hooks import StepContext
 
 
 class _Adam:
-    """Adam (Kingma & Ba; torch's defaults) on the small vector ``u``: the paper's optimizer for ``s``,
-    without ``torch.optim``'s per-step overhead, which would cost more than the whole UMEC update."""
+    """Adam (Kingma & Ba; torch's defaults) on the few numbers of ``u`` (one per group layer), in
+    Python floats: the paper's optimizer for ``s``, without the per-operation overhead of tensors,
+    which on vectors this small costs more than the arithmetic."""
 
     def __init__(
         self, n: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
     ) -> None:
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.m, self.v, self.t = torch.zeros(n), torch.zeros(n), 0
+        self.m, self.v, self.t = [0.0] * n, [0.0] * n, 0
 
-    def step(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def step(self, param: list[float], grad: list[float]) -> list[float]:
         b1, b2 = self.betas
         self.t += 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad.square()
-        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
-        return param - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        self.m = [b1 * m + (1 - b1) * g for m, g in zip(self.m, grad, strict=True)]
+        self.v = [b2 * v + (1 - b2) * g * g for v, g in zip(self.v, grad, strict=True)]
+        return [
+            p - self.lr * (m / c1) / (math.sqrt(v / c2) + self.eps)
+            for p, m, v in zip(param, self.m, self.v, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m.clone(), "v": self.v.clone(), "t": self.t}
+        return {"m": _tensor(self.m), "v": _tensor(self.v), "t": self.t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.m, self.v, self.t = state["m"].clone(), state["v"].clone(), state["t"]
+        self.m, self.v, self.t = state["m"].tolist(), state["v"].tolist(), state["t"]
+
+
+def _tensor(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _floats(values: torch.Tensor | list[float]) -> list[float]:
+    return [float(v) for v in values]
 
 
 def check_budget(name: str, value: object) -> None:
@@ -193,7 +207,7 @@ class UMECPruner(PrunerBase):
         self.config = config
         self.layers = layers
         self.resource = ResourceModel(model, layers)
-        self.budgets = torch.tensor([config.budgets.get(r, math.inf) for r in RESOURCES])
+        self.budgets = torch.tensor([config.budgets.get(r, math.inf) for r in RESOURCES], dtype=torch.float64)
         smallest = self.resource.smallest()
         for r, (name, least) in enumerate(zip(RESOURCES, smallest, strict=True)):
             if self.budgets[r] < least:
@@ -204,14 +218,11 @@ class UMECPruner(PrunerBase):
                 )
         device = next(m for m in self._modules.values() if isinstance(m, MaskedLinear)).weight.device
         self.groups = GroupMap(layers, self._modules, table_blocks(layers, self._modules), device)
-        self.sizes = torch.tensor([layer.size for layer in layers], dtype=torch.float32)
-        # per global group: its layer, and its rank in that layer once each layer is sorted by norm
-        self._layer_of = torch.repeat_interleave(torch.arange(len(layers)), self.sizes.long())
-        self._rank = torch.arange(self.groups.size) - torch.tensor(self.groups.offsets)[self._layer_of]
-        self.u = torch.zeros(len(layers))  # s_l / n_l
+        self.sizes = torch.tensor([layer.size for layer in layers], dtype=torch.float64)
+        self._u = [0.0] * len(layers)  # s_l / n_l
         self._adam = _Adam(len(layers), config.eta2)
-        self.y = torch.zeros(len(layers))
-        self.z = torch.zeros(len(RESOURCES))
+        self._y = [0.0] * len(layers)
+        self._z = [0.0] * len(RESOURCES)
         self.history: list[dict[str, Any]] = []
         self.removed: dict[str, int] = {}
         self._last_costs: (
@@ -224,10 +235,39 @@ class UMECPruner(PrunerBase):
         """Continuous number of groups to remove, per layer."""
         return self.u * self.sizes
 
+    @property
+    def u(self) -> torch.Tensor:
+        """``s / n`` per layer, the variable Adam moves."""
+        return _tensor(self._u)
+
+    @u.setter
+    def u(self, value: torch.Tensor | list[float]) -> None:
+        self._u = _floats(value)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Sparsity duals, one per layer."""
+        return _tensor(self._y)
+
+    @y.setter
+    def y(self, value: torch.Tensor | list[float]) -> None:
+        self._y = _floats(value)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """Resource duals, one per resource (``RESOURCES``)."""
+        return _tensor(self._z)
+
+    @z.setter
+    def z(self, value: torch.Tensor | list[float]) -> None:
+        self._z = _floats(value)
+
     def counts(self) -> list[int]:
         """``ceil(s_l)``, at most ``n_l - 1`` (every layer keeps a group)."""
-        ks = torch.ceil(self.s - 1e-6).clamp(min=0).tolist()
-        return [min(int(k), layer.size - 1) for k, layer in zip(ks, self.layers, strict=True)]
+        return [
+            min(max(math.ceil(u * layer.size - 1e-6), 0), layer.size - 1)
+            for u, layer in zip(self._u, self.layers, strict=True)
+        ]
 
     def allocation(self) -> dict[str, tuple[int, int]]:
         """Per group layer, ``(groups removed, groups)``: the current ``ceil(s)``, or what ``finalize``
@@ -235,20 +275,20 @@ class UMECPruner(PrunerBase):
         counts = [self.removed[layer.name] for layer in self.layers] if self.finalized else self.counts()
         return {layer.name: (k, layer.size) for layer, k in zip(self.layers, counts, strict=True)}
 
-    def _norms(self) -> torch.Tensor:
+    def _norms(self) -> np.ndarray:
         """Squared norms of all groups (``GroupMap`` numbering), on the CPU: summed where the weights
         are, averaged over ranks (every rank ranks the same groups) and moved in one piece."""
         flat = self.groups.norms()
         all_reduce_mean_([flat])
-        return flat.cpu()
+        return flat.cpu().numpy()
 
-    def _sorted(self, norms: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The global order that sorts each layer's groups by norm (layers stay in place), and per layer
-        the order of its own groups."""
-        order = torch.argsort(norms, stable=True)
-        order = order[torch.argsort(self._layer_of[order], stable=True)]
-        offsets = self.groups.offsets
-        return order, [order[o : o + layer.size] - o for o, layer in zip(offsets, self.layers, strict=True)]
+    def _split(self, norms: np.ndarray) -> list[np.ndarray]:
+        """Each layer's share of the global ``norms`` (views)."""
+        return [norms[o : o + layer.size] for o, layer in zip(self.groups.offsets, self.layers, strict=True)]
+
+    def _orders(self, norms: np.ndarray) -> list[np.ndarray]:
+        """Per layer, the order of its groups by norm, ties by index."""
+        return [np.argsort(n, kind="stable") for n in self._split(norms)]
 
     # ----------------------------------------------------------------------------------------------
     def after_step(self, ctx: StepContext) -> None:
@@ -262,44 +302,49 @@ class UMECPruner(PrunerBase):
 
     @torch.no_grad()
     def update(self) -> None:
-        """One UMEC iteration on the current weights (after the optimizer's step), vectorised over the
-        groups of all layers: per-layer loops of small operations cost more than the update's arithmetic.
+        """One UMEC iteration on the current weights (after the optimizer's step). The weights are
+        touched in a few operations over all groups (``GroupMap``); the per-layer arithmetic runs on
+        numpy slices and Python floats: a tensor operation's own overhead exceeds a layer's arithmetic.
         """
         cfg = self.config
         norms = self._norms()
-        order, orders = self._sorted(norms)
+        orders = self._orders(norms)
         ks = self.counts()
-        profiles = self.resource.profiles(orders, upto=[k + 1 for k in ks])
+        profiles = self.resource.profiles([torch.from_numpy(o) for o in orders], upto=[k + 1 for k in ks])
         now, afters = self._costs(ks, profiles)
-        by_rank = norms[order]  # each layer's norms, ascending
-        # 1. proximal step on the ceil(s) smallest groups (shrunk, they stay the smallest: `order` holds)
-        ys, zs = self.y.tolist(), self.z.tolist()
-        shrunk = self._rank < torch.tensor(ks)[self._layer_of]
-        factor = torch.where(shrunk, (1.0 / (1.0 + 2.0 * cfg.eta1 * self.y))[self._layer_of], 1.0)
-        active = {i for i, (k, y) in enumerate(zip(ks, ys, strict=True)) if k and y > 0}
+        # 1. proximal step on the ceil(s) smallest groups (shrunk, they stay the smallest: orders hold)
+        shrink = [1.0 / (1.0 + 2.0 * cfg.eta1 * y) for y in self._y]
+        factor = np.ones(self.groups.size, np.float32)
+        ranked = [n[o] for n, o in zip(self._split(norms), orders, strict=True)]  # each layer's, ascending
+        active = set()
+        for i, (offset, order, k) in enumerate(zip(self.groups.offsets, orders, ks, strict=True)):
+            if k and self._y[i] > 0:
+                factor[offset + order[:k]] = shrink[i]
+                ranked[i][:k] *= np.float32(shrink[i]) ** 2
+                active.add(i)
         if active:
-            self.groups.shrink_(torch.empty_like(factor).index_put_((order,), factor), active)
-            by_rank *= factor.square()
-        # 2. s: straight-through gradient, Adam step (per layer in Python numbers: a few, and cheaper so)
-        offsets = self.groups.offsets
-        nexts = by_rank[  # the (ceil(s) + 1)-th smallest group of each layer
-            [o + min(k, layer.size - 1) for o, k, layer in zip(offsets, ks, self.layers, strict=True)]
-        ].tolist()
-        grad = []
-        for layer, y, smallest, after in zip(self.layers, ys, nexts, afters, strict=True):
-            d = y * smallest + sum(z * (a - b) for z, a, b in zip(zs, after, now, strict=True))
-            grad.append(d * layer.size)
-        self.u = self._adam.step(self.u, torch.tensor(grad))
-        self.u.clamp_(min=torch.zeros_like(self.sizes), max=(self.sizes - 1) / self.sizes)
+            self.groups.shrink_(torch.from_numpy(factor), active)
+        # 2. s: straight-through gradient (at the (ceil(s) + 1)-th smallest group of each layer), Adam
+        z = self._z
+        grad = [
+            (y * float(r[k]) + sum(zr * (a - b) for zr, a, b in zip(z, after, now, strict=True))) * layer.size
+            for layer, y, r, k, after in zip(self.layers, self._y, ranked, ks, afters, strict=True)
+        ]
+        self._u = [
+            min(max(u, 0.0), (layer.size - 1) / layer.size)
+            for u, layer in zip(self._adam.step(self._u, grad), self.layers, strict=True)
+        ]
         # 3. y: squared norm of the ceil(s) smallest groups of the new weights
-        smallest = self._rank < torch.tensor(self.counts())[self._layer_of]
-        self.y += cfg.eta3 * torch.zeros(len(self.layers)).index_add_(0, self._layer_of, by_rank * smallest)
+        self._y = [
+            y + cfg.eta3 * float(r[:k].sum()) for y, r, k in zip(self._y, ranked, self.counts(), strict=True)
+        ]
         # 4. z: resource excess over the budget
-        resources = torch.tensor(now)
-        excess = torch.where(torch.isinf(self.budgets), torch.zeros_like(resources), resources - self.budgets)
-        self.z = (self.z + cfg.eta4 * excess).clamp(min=0)
+        self._z = [
+            max(0.0, zr + cfg.eta4 * (r - b)) if b != math.inf else 0.0
+            for zr, r, b in zip(z, now, self.budgets.tolist(), strict=True)
+        ]
         if self.steps % cfg.record_every == 0:
-            self._record(ks, resources)
+            self._record(ks, now)
 
     def _costs(
         self, ks: list[int], profiles: list[Profile]
@@ -311,7 +356,7 @@ class UMECPruner(PrunerBase):
             self._last_costs = last = (ks, profiles, *self.resource.around(profiles, ks))
         return last[2], last[3]
 
-    def _record(self, ks: list[int], resources: torch.Tensor) -> None:
+    def _record(self, ks: list[int], resources: Sequence[float]) -> None:
         self.history.append(
             {
                 "step": self.steps,
@@ -326,23 +371,23 @@ class UMECPruner(PrunerBase):
         if self.finalized:
             return
         norms = self._norms()
-        _, orders = self._sorted(norms)
+        orders = [torch.from_numpy(o) for o in self._orders(norms)]
         profiles = self.resource.profiles(orders)
-        ks = self._fit(self.counts(), list(norms.split(self.sizes.long().tolist())), orders, profiles)
+        ks = self._fit(self.counts(), [torch.from_numpy(n) for n in self._split(norms)], orders, profiles)
         optimizers = optimizers_of(ctx_or_optimizers)
         for layer, order, k in zip(self.layers, orders, ks, strict=True):
             removed = torch.zeros(layer.size, dtype=torch.bool)
             removed[order[:k]] = True
             close_groups(layer, removed, self._modules, optimizers)
         self.removed = {layer.name: k for layer, k in zip(self.layers, ks, strict=True)}
-        self._record(ks, torch.tensor(self.resource.evaluate(profiles, ks)))
+        self._record(ks, self.resource.evaluate(profiles, ks))
         self.finalized = True
 
     def _fit(self, ks: list[int], norms, orders, profiles) -> list[int]:
         """Remove more groups, greedily, until every resource is within its budget."""
         ks = list(ks)
         while True:
-            now = torch.tensor(self.resource.evaluate(profiles, ks))
+            now = _tensor(list(self.resource.evaluate(profiles, ks)))
             over = now > self.budgets + 1e-12
             if not bool(over.any()):
                 return ks
@@ -352,7 +397,7 @@ class UMECPruner(PrunerBase):
                     continue
                 step = list(ks)
                 step[i] += 1
-                saving = float(((now - torch.tensor(self.resource.evaluate(profiles, step))) * over).sum())
+                saving = float(((now - _tensor(list(self.resource.evaluate(profiles, step)))) * over).sum())
                 ratio = saving / (float(norms[i][orders[i][ks[i]]]) + 1e-12)
                 if saving > 0 and ratio > best_ratio:
                     best, best_ratio = i, ratio
@@ -366,9 +411,9 @@ class UMECPruner(PrunerBase):
         history and what ``finalize`` removed."""
         return {
             **super().state_dict(),
-            "u": self.u.clone(),
-            "y": self.y.clone(),
-            "z": self.z.clone(),
+            "u": self.u,
+            "y": self.y,
+            "z": self.z,
             "adam": self._adam.state_dict(),
             "history": list(self.history),
             "removed": dict(self.removed),
@@ -380,9 +425,9 @@ class UMECPruner(PrunerBase):
         check_keys("UMECPruner", state, self.state_dict())
         if state["layers"] != [layer.name for layer in self.layers]:
             raise ValueError(f"UMECPruner state is for group layers {state['layers']}, not these")
-        self.u = state["u"].clone()
-        self.y = state["y"].clone()
-        self.z = state["z"].clone()
+        self.u = state["u"]
+        self.y = state["y"]
+        self.z = state["z"]
         self._adam.load_state_dict(state["adam"])
         self.history = list(state["history"])
         self.removed = dict(state["removed"])
