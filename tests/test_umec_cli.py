@@ -104,3 +104,28 @@ def test_export_of_a_model_with_nothing_structured_to_remove_fails_in_one_line(t
     err = capsys.readouterr().err
     assert "nothing structured to remove" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_compress_fine_tunes_compacted_layers_with_the_masked_forward_s_results(
+    compressed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The default run fine-tunes on compacted layers; ``--no-compact`` fine-tunes the masked model: the
+    windows and the exported model are the same, and the run ends with full-size layers."""
+    import torchrec_prune.compress as compress
+
+    compacted: list[list[str]] = []
+    real = compress.compact_
+    monkeypatch.setattr(compress, "compact_", lambda *a: compacted.append(real(*a)) or compacted[-1])
+    assert _compress(tmp_path / "compact", "--budget", "0.4") == 0
+    assert len(compacted) == 1 and compacted[0]  # the fine-tune trained smaller layers
+    assert _compress(tmp_path / "masked", "--budget", "0.4", "--no-compact") == 0
+    assert len(compacted) == 1
+
+    def windows(run: Path) -> list[float]:
+        return [json.loads(line)["ce"] for line in (run / "windows.jsonl").read_text().splitlines()]
+
+    assert windows(tmp_path / "compact") == windows(tmp_path / "masked") == windows(compressed)
+    a, _ = tp.load_exported(tmp_path / "compact" / "exported.pt")
+    b, _ = tp.load_exported(tmp_path / "masked" / "exported.pt")
+    for (key, value), other in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(value, other), key

@@ -2,7 +2,8 @@
 
 ``compress`` trains a wrapped DLRM (fresh, or loaded from ``--checkpoint``) on the stream with UMEC for
 ``--umec-rows`` rows from ``--start-row``, removes the groups UMEC chose (the model then fits the
-budget), fine-tunes the smaller model with the fixed masks to the end of the stream, and writes the run
+budget), fine-tunes the smaller model with the fixed masks to the end of the stream (on physically
+smaller layers, ``torchrec_prune.masks.compact``, unless ``--no-compact``), and writes the run
 folder: ``config.json``, ``windows.jsonl``/``.csv``, ``allocation.json`` (the groups removed per layer
 over the phase), ``summary.json``, ``window_ce.png``, the masked model as a DCP ``checkpoint/`` and
 the compacted plain model ``exported.pt`` (``torchrec_prune.export``). Every batch is scored before it
@@ -28,6 +29,7 @@ from torch import nn
 from torchrec_prune.data.stream import Stream
 from torchrec_prune.distributed.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 from torchrec_prune.masks import wrap
+from torchrec_prune.masks.compact import compact_, expand_
 from torchrec_prune.masks.export import export, save_exported
 from torchrec_prune.metrics.window import WindowRecord
 from torchrec_prune.metrics.writer import MetricsWriter, write_text_atomic
@@ -52,6 +54,8 @@ class CompressConfig:
         umec_rows: rows of the UMEC phase (>= 1); fine-tuning runs from its end to the end of the stream.
         start_row: first row of the UMEC phase (>= 0).
         checkpoint: DCP checkpoint of a trained wrapped DLRM to start from (``None``: a fresh model).
+        compact: fine-tune on physically smaller layers (``torchrec_prune.masks.compact``): the same
+            numbers as the masked forward, a step the cost of a model of the kept sizes.
     """
 
     job: JobConfig
@@ -59,9 +63,12 @@ class CompressConfig:
     umec_rows: int = 20_000
     start_row: int = 0
     checkpoint: str | None = None
+    compact: bool = True
 
     def __post_init__(self) -> None:
         check_steps("CompressConfig (--umec-rows)", "umec_rows", self.umec_rows)
+        if not isinstance(self.compact, bool):
+            raise ValueError(f"CompressConfig.compact must be a bool, got {self.compact!r}")
         if isinstance(self.start_row, bool) or not isinstance(self.start_row, int) or self.start_row < 0:
             raise ValueError(f"--start-row must be an integer >= 0, got {self.start_row!r}")
 
@@ -149,7 +156,8 @@ def compress_and_train(
     writer: MetricsWriter | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> CompressResult:
-    """UMEC on the phase's rows, removal of the chosen groups, fine-tuning with fixed masks to the end."""
+    """UMEC on the phase's rows, removal of the chosen groups, fine-tuning with fixed masks to the end
+    (compacted unless ``config.compact`` is off; the model is full size again when this returns)."""
     config, stream, model, pruner = prepared.config, prepared.stream, prepared.model, prepared.pruner
     train: TrainConfig = config.job.train
     dense_flops = fc_flops(model).dense_forward
@@ -172,6 +180,9 @@ def compress_and_train(
             trainer.train_increment(increment)
             index += 1
         pruner.finalize(trainer.optimizers)  # no-op once the pruner finalized itself at its last step
+        if phase == "umec" and config.compact:
+            compact_(model, trainer.optimizers)
+    expand_(model)
     flushed = trainer.window.flush()
     if flushed is not None:
         trainer.result.records.append(flushed)
@@ -290,6 +301,11 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}", type=float, default=default, help=f"UMEC {what} ({default:g})")
     p.add_argument("--run-dir", default="runs/compress")
     p.add_argument("--no-checkpoint", action="store_true", help="do not save the masked model checkpoint")
+    p.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="fine-tune with the masked forward instead of compacted layers (same results, slower)",
+    )
     add_overwrite_arg(p)
 
     def prepare(args: argparse.Namespace, argv: Sequence[str]):
@@ -307,6 +323,7 @@ def add_compress_parsers(sub: argparse._SubParsersAction) -> None:
             umec_rows=args.umec_rows,
             start_row=args.start_row,
             checkpoint=args.checkpoint,
+            compact=not args.no_compact,
         )
         check_run_dir(args.run_dir, asdict(config), resuming=False, overwrite=args.overwrite)
         prepared = prepare_compress(config)
