@@ -116,6 +116,42 @@ def test_layer_mean_for_adam_sets_second_moments_to_the_mean_and_first_moments_t
     assert torch.equal(state["step"], old["step"])  # shared scalar, left alone
 
 
+@pytest.mark.parametrize(
+    ("make", "zeroed", "accumulators"),
+    [
+        (
+            lambda p: torch.optim.RMSprop(p, lr=0.01, centered=True, momentum=0.9),
+            ["grad_avg", "momentum_buffer"],
+            ["square_avg"],
+        ),
+        (lambda p: torch.optim.Adamax(p, lr=0.01), ["exp_avg"], ["exp_inf"]),
+    ],
+    ids=["rmsprop-centered", "adamax"],
+)
+def test_every_per_element_state_of_rmsprop_and_adamax_is_reset_or_started_at_the_mean(
+    make, zeroed, accumulators
+):
+    """Closing resets every per-element state (centered RMSprop's gradient average and Adamax's infinity
+    norm included); layer_mean starts the accumulators of re-opened entries at the layer's mean."""
+    model = _mlp()
+    optimizer = make(model.parameters())
+    _train(model, optimizer)
+    state = optimizer.state[model[0].weight]
+    assert all(bool(state[key][6:].ne(0).all()) for key in zeroed + accumulators)
+    tp.prune_(model[0], [optimizer], neuron_mask=~_rows(6, 7))
+    for key in zeroed + accumulators:
+        assert torch.all(state[key][6:] == 0), key
+    layer, optimizer, before = _swapped(make, "layer_mean", ~_rows(0, 1))
+    state, old = optimizer.state[layer.weight], before[layer.weight]
+    for key in zeroed:
+        assert torch.all(state[key][:2] == 0) and torch.all(state[key][6:] == 0), key
+    for key in accumulators:
+        mean = _layer_mean(old[key], _rows(2, 3, 4, 5).unsqueeze(1))
+        assert mean > 0, key
+        torch.testing.assert_close(state[key][6:], mean.expand_as(state[key][6:]), rtol=1e-6, atol=0)
+        assert torch.all(state[key][:2] == 0), key
+
+
 def test_layer_mean_on_an_embedding_table_uses_its_open_columns():
     model = tp.wrap(build_dlrm(DLRMConfig(num_embeddings=50, dense_arch=[16, 8, 4], over_arch=[16, 1])))
     optimizer = _adagrad(model.parameters())

@@ -22,10 +22,20 @@ from typing import Any
 import torch
 
 # State keys that hold one value per parameter element, and the value a fresh entry starts from.
-_ZERO_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta")
+# (RMSprop's ``grad_avg`` when centered, Adamax's ``exp_inf`` included.)
+_ZERO_STATE = (
+    "momentum_buffer",
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "square_avg",
+    "grad_avg",
+    "acc_delta",
+    "exp_inf",
+)
 # Of those, the running sums or averages of squared gradients (or updates) that set an entry's step size.
 # First moments and momentum are not among them: a regrown entry has no direction yet, they restart at 0.
-_ACCUMULATORS = ("sum", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta")
+_ACCUMULATORS = ("sum", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "exp_inf")
 # How growth starts the state of re-opened entries: SPEC 3's reset (the default), or the layer's mean.
 REGROWN_STATES = ("reset", "layer_mean")
 
@@ -100,7 +110,8 @@ def regrow_state_(
     broadcastable to param).
 
     ``"reset"`` is SPEC 3 (``reset_state_``). ``"layer_mean"`` starts each accumulator (Adagrad's ``sum``,
-    Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``, RMSprop's ``square_avg``, Adadelta's ``acc_delta``) at
+    Adam's ``exp_avg_sq`` and ``max_exp_avg_sq``, RMSprop's ``square_avg``, Adadelta's ``acc_delta``,
+    Adamax's ``exp_inf``) at
     its mean over ``kept``, the entries open before and after the change, or at its initial value when
     none is; momentum and first moments restart at 0 either way. Returns the number of state tensors
     touched, summed over optimizers.
