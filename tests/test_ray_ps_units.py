@@ -158,6 +158,34 @@ def test_mask_change_zeroes_closed_and_regrown_weights_and_resets_their_adagrad_
     assert shard.stats["violations"] == 0
 
 
+def test_layer_mean_regrown_state_starts_reopened_accumulators_at_the_mean_of_the_open_rows():
+    """``PSConfig.regrown_state="layer_mean"`` on the server: as ``set_masks_`` does in one process,
+    closed rows reset, re-opened rows start at the mean of the rows that stay open."""
+    model = tiny_model()
+    shard, _ = shard_of(model, regrown_state="layer_mean")
+    fqn = "model.dense_arch.model._mlp.0._linear"
+    weight = shard.params[f"{fqn}.weight"]
+    generator = np.random.default_rng(0)
+    masks = {n: b.numpy().copy() for n, b in mask_buffers(model).items()}
+    masks[f"{fqn}.neuron_mask"][[1, 4]] = False
+    shard.set_masks(masks)
+    for batch in range(3):
+        grads = {f"{fqn}.weight": generator.normal(size=tuple(weight.shape)).astype(np.float32)}
+        shard.push(PushRequest(copy_version=batch, mask_version=1, rank=0, batch=batch, dense=grads))
+    sums = shard.optimizers[0].state[weight]["sum"]
+    before = sums.clone()
+    masks[f"{fqn}.neuron_mask"][:] = True
+    masks[f"{fqn}.neuron_mask"][0] = False  # row 0 closes as rows 1, 4 re-open
+    shard.set_masks(masks)
+    kept = [2, 3, 5]
+    assert float(before[kept].mean()) > 0
+    torch.testing.assert_close(sums[[1, 4]], before[kept].double().mean().float().expand(2, weight.shape[1]))
+    assert (sums[0] == 0).all() and torch.equal(sums[kept], before[kept])
+    assert (weight.detach()[[0, 1, 4]] == 0).all()
+    with pytest.raises(ValueError, match="--regrown-state"):
+        PSConfig(regrown_state="mean")
+
+
 def test_regrow_value_is_where_reopened_weights_start():
     model = tiny_model()
     shard, _ = shard_of(model, regrow_value=0.25)

@@ -14,6 +14,7 @@ from pathlib import Path
 from torchrec_prune.cli import Runner, add_resume_args, add_stream_args, job_config
 from torchrec_prune.distributed.ps.config import SCHEDULES, PSConfig
 from torchrec_prune.distributed.ps.runtime import check_address
+from torchrec_prune.train.optimizer_state import REGROWN_STATES
 
 
 def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,6 +41,12 @@ def add_ray_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     )
     p.add_argument("--beta", type=float, default=0.7, help="pruned neuron fraction in sparse phases")
     p.add_argument("--window-steps", type=int, default=50, help="batches of importance before pruning")
+    p.add_argument(
+        "--regrown-state",
+        choices=REGROWN_STATES,
+        default="reset",
+        help="server optimizer state of regrown weights: reset (SPEC 3) or layer_mean",
+    )
     p.add_argument("--d2s-r", type=int, default=4, help="d2s: a new sparse model every r increments")
     p.add_argument("--d2s-p", type=int, default=2, help="d2s: pruned from the snapshot p increments back")
     p.add_argument("--lam", type=float, default=1.75, help="d2s: AUX sparsity penalty lambda")
@@ -88,6 +95,7 @@ def prepare_ray_train(args: argparse.Namespace) -> Runner:
         chunk_steps=args.chunk_steps,
         shard_checkpoint_pushes=args.shard_checkpoint_pushes,
         max_lead_chunks=args.max_lead_chunks,
+        regrown_state=args.regrown_state,
     )
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be an integer >= 0, got {args.max_restarts}")

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from torchrec_prune.data.stream import check_int
+from torchrec_prune.train.optimizer_state import check_regrown_state
 
 SCHEDULES = ("dense", "alternate", "prune-only", "grow-only", "dsd", "d2s")
 
@@ -32,6 +33,9 @@ class PSConfig:
             two calls queued per trainer, so a trainer never idles waiting for the driver.
         regrow_value: value re-opened weights start from on the server. 0 (the library's rule) keeps the
             function unchanged at growth; a nonzero constant exists to show the jump it causes.
+        regrown_state: optimizer state of re-opened entries on the server (``--regrown-state``):
+            ``"reset"`` (SPEC 3) or ``"layer_mean"`` (accumulators at the mean of the parameter's entries
+            that stay open, over the rows this shard owns for a table); as ``GrowPruneConfig``'s.
         trace_pushes: pushes after each growth over which each shard records the norm of regrown weights.
         max_lead_chunks: a trainer gets no batch more than this many global chunks
             (``chunk_steps * trainers * batch_size`` rows) past the oldest batch not yet consumed
@@ -53,6 +57,7 @@ class PSConfig:
     cache_rows: int = 4096
     chunk_steps: int = 8
     regrow_value: float = 0.0
+    regrown_state: str = "reset"
     trace_pushes: int = 200
     max_lead_chunks: int = 4
     shard_checkpoint_pushes: int = 500
@@ -70,6 +75,7 @@ class PSConfig:
             isinstance(self.regrow_value, (int, float)) and math.isfinite(self.regrow_value)
         ):
             raise ValueError(f"regrow_value must be a finite number, got {self.regrow_value!r}")
+        check_regrown_state("--regrown-state", self.regrown_state)
 
     def check_stream(self, *, rows: int, batch_size: int, increment_rows: int, momentum: float) -> None:
         """Raise ValueError when the stream cannot give every trainer a partition, or momentum is set.

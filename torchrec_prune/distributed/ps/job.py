@@ -100,7 +100,12 @@ class RayTrainConfig:
         }
         if self.schedule in ("dense", "d2s"):
             return None
-        return GrowPruneConfig(plans[self.schedule], beta=self.beta, window_steps=self.window_steps)
+        return GrowPruneConfig(
+            plans[self.schedule],
+            beta=self.beta,
+            window_steps=self.window_steps,
+            regrown_state=self.ps.regrown_state,
+        )
 
     def check(self) -> None:
         """Every check that needs the stream (partitions, phases), before any actor starts."""

@@ -30,7 +30,7 @@ from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout, has_mask, keep_mask
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
 from torchrec_prune.distributed.ps.store import ShardStore
-from torchrec_prune.train.optimizer_state import reset_state_
+from torchrec_prune.train.optimizer_state import regrow_state_, reset_state_
 from torchrec_prune.train.trainer import TrainConfig, make_optimizer
 
 _MASK_HISTORY = 8  # mask versions a shard remembers, to mask gradients computed under an older mask
@@ -117,6 +117,7 @@ class ShardState:
         masks: every mask buffer of the model (FQN -> bool array), all open at the start of a run.
         train: loop settings (optimizer and learning rate).
         regrow_value: value re-opened weights start from (0: the library's zero-init regrowth).
+        regrown_state: optimizer state of re-opened entries (``PSConfig.regrown_state``).
         trace_pushes: pushes after a growth over which the norm of regrown weights is recorded.
         store: where the shard checkpoints itself (``None``: never), every ``checkpoint_pushes``
             applied pushes and after every mask change, so a restored shard has the current masks.
@@ -136,6 +137,7 @@ class ShardState:
         train: TrainConfig,
         *,
         regrow_value: float = 0.0,
+        regrown_state: str = "reset",
         trace_pushes: int = 200,
         store: ShardStore | None = None,
         checkpoint_pushes: int = 0,
@@ -182,6 +184,7 @@ class ShardState:
         self._history: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=_MASK_HISTORY)
         self._history.append((0, self.keeps))
         self.regrow_value = float(regrow_value)
+        self.regrown_state = regrown_state
         self.trace_pushes = trace_pushes
         self.traces: list[dict[str, Any]] = []
         self._regrown: dict[str, torch.Tensor] = {}
@@ -222,6 +225,7 @@ class ShardState:
             masks,
             train,
             regrow_value=ps.regrow_value,
+            regrown_state=ps.regrown_state,
             trace_pushes=ps.trace_pushes,
             store=store,
             checkpoint_pushes=ps.shard_checkpoint_pushes,
@@ -356,8 +360,9 @@ class ShardState:
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def set_masks(self, masks: dict[str, np.ndarray], version: int | None = None) -> int:
-        """Take new masks: closed and re-opened entries start from 0 (or ``regrow_value`` when re-opened)
-        with fresh optimizer state; closed biases keep their value. Returns the new mask version.
+        """Take new masks: closed and re-opened entries start from 0 (or ``regrow_value`` when re-opened);
+        closed entries get fresh optimizer state, re-opened ones the state ``regrown_state`` gives them;
+        closed biases keep their value. Returns the new mask version.
 
         With ``version`` (the driver's), a call for a version the shard already has is a no-op, so Ray
         may retry it on a shard restored after it had taken (and checkpointed) those masks.
@@ -370,10 +375,11 @@ class ShardState:
         for name, keep in new.items():
             param, old = self.params[name], self.keeps[name]
             changed = (old ^ keep).expand_as(param)
-            reset_state_(self.optimizers, param, changed)
+            reopened = changed & keep.expand_as(param)
+            reset_state_(self.optimizers, param, changed & ~reopened)
+            regrow_state_(self.optimizers, param, reopened, old & keep, self.regrown_state)
             if not keep_mask(self.layout, name, self.masks)[1]:
                 continue  # a bias: masked in the forward, value kept
-            reopened = changed & keep.expand_as(param)
             param.masked_fill_(changed | ~keep.expand_as(param), 0.0)
             if self.regrow_value:
                 param.masked_fill_(reopened, self.regrow_value)
