@@ -10,7 +10,10 @@ import pytest
 import torch
 from conftest import REPO, wrapped_mlp
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import torchrec_prune as tp
 from torchrec_prune.data.synthetic import SyntheticStream
@@ -150,5 +153,85 @@ def test_embedding_masks_of_an_unknown_model_are_refused_and_sharded_models_too(
     model = wrap_quietly(MODELS["deepfm"]())
     module = next(m for _, m in tp.masked_modules(model) if isinstance(m, tp.MaskedEmbeddingBagCollection))
     tp.prune_(module, feature_gate=torch.zeros_like(module.feature_gate))
-    with pytest.raises(ValueError, match="removes those only from TorchRec's DLRM"):
+    with pytest.raises(ValueError, match="removes those only where it knows how the model reads"):
         tp.export(model)
+
+
+class ConcatModel(nn.Module):
+    """Dense features and pooled embeddings concatenated into an MLP: tables of different widths, one
+    table read by two features, the tables plain or fused."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        tables = [
+            EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=30, feature_names=["f0", "f1"]),
+            EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["f2"]),
+        ]
+        self.ebc = (
+            FusedEmbeddingBagCollection(
+                tables=tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.1}
+            )
+            if fused
+            else EmbeddingBagCollection(tables=tables)
+        )
+        self.mlp = nn.Sequential(nn.Linear(3 + 16, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.mlp(torch.cat([dense, self.ebc(sparse).values()], dim=1))
+
+
+def concat_batch(seed: int, size: int = 16) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 3, (3 * size,), generator=generator)
+    ids = torch.randint(0, 30, (int(lengths.sum()),), generator=generator)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], ids, lengths)
+    return torch.randn(size, 3, generator=generator), kjt
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["ebc", "fused-ebc"])
+def test_a_concatenating_model_exports_tables_of_their_own_widths(fused: bool, tmp_path):
+    torch.manual_seed(0)
+    model = tp.wrap(ConcatModel(fused))
+    ebc, first = model.ebc, model.mlp[0]
+    tp.prune_(
+        ebc,
+        dim_masks={
+            "t0": torch.tensor([1, 0, 1, 1]).bool(),
+            "t1": torch.tensor([0, 1, 1, 1, 1, 1, 1, 0]).bool(),
+        },
+    )
+    tp.prune_(ebc, feature_gate=torch.tensor([True, False, True]))  # f1 goes, its table stays for f0
+    tp.prune_(first, neuron_mask=torch.arange(8) != 5)
+    tp.prune_(model.mlp[2], input_mask=torch.arange(8) != 5)
+    dense, kjt = concat_batch(0)
+    plain, mapping = tp.export(model, probe=lambda m: m(dense, kjt))
+    configs = {c.name: (c.embedding_dim, c.feature_names) for c in plain.ebc.embedding_bag_configs()}
+    assert configs == {"t0": (3, ["f0"]), "t1": (6, ["f2"])}
+    assert type(plain.ebc) is EmbeddingBagCollection
+    assert (plain.mlp[0].in_features, plain.mlp[0].out_features) == (3 + 3 + 6, 7)
+    removed = {4, 7, 8, 9, 10, 11, 18}  # dense 0-2, f0 3-6, f1 7-10, f2 11-18: t0 col 1, f1, t1 cols 0, 7
+    assert mapping["linears"]["mlp.0"]["cols"] == [c for c in range(19) if c not in removed]
+    assert mapping["embeddings"]["ebc"]["columns"] == {"t0": [0, 2, 3], "t1": [1, 2, 3, 4, 5, 6]}
+    assert mapping["embeddings"]["ebc"]["dropped_features"] == ["f1"]
+    for seed in (1, 2):
+        d, k = concat_batch(seed)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(d, k), model(d, k), **TOLERANCE)
+    tp.save_exported(plain, mapping, tmp_path / "model.pt")
+    loaded, _ = tp.load_exported(tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(dense, kjt), plain(dense, kjt), rtol=0, atol=0)
+
+
+def test_a_model_that_reads_the_embeddings_elsewhere_too_is_refused_on_its_outputs():
+    """DeepFM concatenates the embeddings into its deep Linear and also feeds them to the
+    factorization machine: removing their columns changes the output, so export refuses."""
+    from tests.test_your_model import MODELS, make_batch, wrap_quietly
+
+    model = wrap_quietly(MODELS["deepfm"]())
+    module = next(m for _, m in tp.masked_modules(model) if isinstance(m, tp.MaskedEmbeddingBagCollection))
+    tp.prune_(module, feature_gate=torch.tensor([True, False, True]))
+    batch = make_batch(torch.Generator().manual_seed(0))
+    probe = lambda m: m(batch.dense_features, batch.sparse_features)  # noqa: E731
+    with pytest.raises(ValueError, match="reads the embeddings somewhere other than the Linear"):
+        tp.export(model, probe=probe)

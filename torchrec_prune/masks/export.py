@@ -9,6 +9,9 @@ one computes:
   ``EmbeddingBagCollection`` (a table whose features are all gated goes with them) and their dot
   products leave the top MLP's first Linear; embedding columns closed in *every* table, with the same
   outputs of the bottom MLP, leave every table, the bottom MLP and the top MLP's dense columns;
+- in a model that concatenates the pooled embeddings into a Linear's input (``ConcatLayout``, found
+  by running ``probe``): gated-off features and each table's own closed columns leave the collection
+  and the Linear's matching input columns, so tables keep different dimensions;
 - everything else that is masked (element masks, a closed neuron whose reader keeps the column) stays
   in place as exact zeros.
 
@@ -21,17 +24,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torchrec.models.dlrm import InteractionArch, SparseArch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import Perceptron
 
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection, MaskedEmbeddings
-from torchrec_prune.masks.layout import DLRMLayout, dlrm_layouts
+from torchrec_prune.masks.layout import ConcatLayout, DLRMLayout, concat_layouts, dlrm_layouts
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import _refuse_sharded, masked_modules
 
@@ -46,28 +51,39 @@ class _Plan:
     cols: dict[str, set[int]] = dataclasses.field(default_factory=dict)
     features: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # EBC -> kept features
     dims: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # EBC -> kept columns
+    # concatenated EBC -> (kept features, kept columns per kept table)
+    concat: dict[str, tuple[list[str], dict[str, list[int]]]] = dataclasses.field(default_factory=dict)
 
     def remove(self, kind: str, fqn: str, indices) -> None:
         getattr(self, kind).setdefault(fqn, set()).update(int(i) for i in indices)
 
 
-def export(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+def export(
+    model: nn.Module, probe: Callable[[nn.Module], object] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """A compacted plain copy of a structured-masked model and the mapping from new to old indices.
 
     ``model`` is left as it is. The mapping (plain Python values) gives, per Linear, the kept ``rows``
-    and ``cols`` (old indices, in new order), and per DLRM embedding collection the kept ``features``
-    (names, in order), the dropped ones, and the kept embedding ``columns``.
+    and ``cols`` (old indices, in new order), and per embedding collection the kept ``features``
+    (names, in order), the dropped ones, and the kept embedding ``columns`` (per table for a
+    concatenating model).
+
+    ``probe``: one call of the model on an example batch, e.g. ``lambda m: m(dense, kjt)``, for models
+    other than DLRM with embedding masks: it shows which Linear reads the pooled embeddings
+    (``concat_layouts``), and the exported model must give the masked model's outputs on it (within
+    rtol 1e-5, atol 1e-6), or export is refused: the model reads the embeddings somewhere else too.
 
     Raises:
         TypeError: the model is DMP-sharded (load its checkpoint into an unsharded wrapped model first).
         ValueError: nothing structured to remove; embedding masks where the model's reading of the
-            embeddings is unknown (anything but TorchRec's DLRM with the dot interaction); columns closed
-            in some DLRM tables but not all (the dot products need one dimension for every table and
-            for the bottom MLP's output); every feature of a DLRM gated off.
+            embeddings is unknown (neither TorchRec's DLRM with the dot interaction nor, with ``probe``,
+            a concatenation into one Linear); columns closed in some DLRM tables but not all (the dot
+            products need one dimension for every table and for the bottom MLP's output); every feature
+            of a collection gated off; outputs that differ from the masked model's on ``probe``.
 
     Example::
 
-        plain, mapping = export(model)
+        plain, mapping = export(model)  # a DLRM, or: export(model, probe=lambda m: m(dense, kjt))
         save_exported(plain, mapping, "model.pt")
         # anywhere with torch and torchrec: torch.load("model.pt", weights_only=False)["model"]
     """
@@ -76,16 +92,25 @@ def export(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     plan = _Plan()
     _plan_neurons(model, plan)
     layouts = {layout.ebc: layout for layout in dlrm_layouts(model)}
+    concats: dict[str, ConcatLayout] = {}
     for fqn, module in masked_modules(model):
         if not isinstance(module, MaskedEmbeddings):
             continue
         if fqn in layouts:
             _plan_dlrm(layouts[fqn], modules, plan)
-        elif not all(bool(m.all()) for m in module.mask_buffers().values()):
+        elif all(bool(m.all()) for m in module.mask_buffers().values()):
+            continue
+        elif probe is not None and not concats:
+            concats = {layout.ebc: layout for layout in concat_layouts(model, probe)}
+        if fqn in concats:
+            _plan_concat(concats[fqn], modules, plan)
+        elif fqn not in layouts:
             raise ValueError(
                 f"cannot export {fqn!r}: it has features gated off or embedding columns closed, and export "
-                "removes those only from TorchRec's DLRM with the dot interaction, whose reading of the "
-                "embeddings it knows; open them, or bake them in as zeros with torchrec_prune.unwrap"
+                "removes those only where it knows how the model reads the embeddings: TorchRec's DLRM "
+                "with the dot interaction, or (given probe=, a call of the model on an example batch) a "
+                "model that concatenates the pooled embeddings into one Linear's input; open them, or "
+                "bake them in as zeros with torchrec_prune.unwrap"
             )
     removed = sum(len(v) for v in (*plan.rows.values(), *plan.cols.values()))
     removed += sum(len(layouts[f].features) - len(kept) for f, kept in plan.features.items())
@@ -106,10 +131,23 @@ def export(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
             mapping["linears"][fqn] = kept
         elif fqn in layouts:
             continue  # already replaced with its DLRM's sparse arch
+        elif fqn in plan.concat:
+            assert isinstance(module, MaskedEmbeddingBagCollection)
+            features, columns = plan.concat[fqn]
+            new = _plain_ebc(module, features, columns)
+            mapping["embeddings"][fqn] = {
+                "features": features,
+                "dropped_features": [f for f in module.feature_names if f not in features],
+                "tables": list(columns),
+                "columns": columns,
+            }
         else:
             new = module.inner  # every mask open (checked above)
         _replace(plain, fqn, new)
     plain.train(model.training)
+    if plan.concat:
+        assert probe is not None
+        _check_outputs(model, plain, probe)
     return plain, mapping
 
 
@@ -160,6 +198,81 @@ def _plan_dlrm(layout: DLRMLayout, modules: dict[str, nn.Module], plan: _Plan) -
     plan.dims[layout.ebc] = dims
 
 
+def _plan_concat(layout: ConcatLayout, modules: dict[str, nn.Module], plan: _Plan) -> None:
+    """Remove gated features and each table's closed columns from the block ``layout.linear`` reads."""
+    ebc = modules[layout.ebc]
+    assert isinstance(ebc, MaskedEmbeddingBagCollection)
+    gate = ebc.feature_gate.cpu()
+    index = {name: i for i, name in enumerate(ebc.feature_names)}
+    columns = {t: torch.nonzero(ebc.dim_mask(t).cpu()).squeeze(1).tolist() for t in ebc.table_names}
+    kept = [f for f, t, _ in layout.blocks if bool(gate[index[f]]) and columns[t]]
+    if not kept:
+        raise ValueError(f"cannot export {layout.ebc!r}: every feature is gated off or has no open column")
+    order = [f for config in ebc.embedding_bag_configs() for f in config.feature_names if f in kept]
+    if order != kept:
+        raise ValueError(
+            f"cannot export {layout.ebc!r}: its output orders features {kept}, a plain collection of its "
+            f"tables would order them {order}, and {layout.linear!r} reads them in the first order"
+        )
+    for i, (feature, table, _) in enumerate(layout.blocks):
+        block = layout.columns(i)
+        gone = block if feature not in kept else [c for k, c in enumerate(block) if k not in columns[table]]
+        plan.remove("cols", layout.linear, gone)
+    tables = {ebc.table_of(f) for f in kept}
+    plan.concat[layout.ebc] = (kept, {t: columns[t] for t in ebc.table_names if t in tables})
+
+
+@torch.no_grad()
+def _plain_ebc(
+    masked: MaskedEmbeddingBagCollection, features: list[str], columns: dict[str, list[int]]
+) -> EmbeddingBagCollection:
+    """A plain collection of ``masked``'s tables that have one of ``features``, each table keeping its
+    ``columns`` (in order) and only those features."""
+    weights = masked.inner.state_dict()
+    configs, tables = [], {}
+    for config in masked.embedding_bag_configs():
+        names = [f for f in config.feature_names if f in features]
+        if not names:
+            continue
+        cols = columns[config.name]
+        configs.append(dataclasses.replace(config, embedding_dim=len(cols), feature_names=names))
+        tables[config.name] = weights[masked.weight_key(config.name)][:, cols]
+    device = next(iter(tables.values())).device
+    ebc = EmbeddingBagCollection(tables=configs, is_weighted=masked.inner.is_weighted(), device=device)
+    for name, weight in tables.items():
+        ebc.embedding_bags[name].weight.copy_(weight)
+    return ebc
+
+
+@torch.no_grad()
+def _check_outputs(model: nn.Module, plain: nn.Module, probe: Callable[[nn.Module], object]) -> None:
+    """Refuse an export whose outputs on ``probe`` differ from the masked model's."""
+    outputs = []
+    for m in (model, plain):
+        training = m.training
+        m.eval()
+        try:
+            outputs.append([t for t in tree_leaves(probe(m)) if isinstance(t, torch.Tensor)])
+        except Exception as e:  # the user's forward on the smaller modules: any failure is a refusal
+            outputs.append(f"fails on it ({type(e).__name__}: {e})")
+        finally:
+            m.train(training)
+    masked, compacted = outputs
+    problem = compacted if isinstance(compacted, str) else None
+    if problem is None and len(masked) != len(compacted):
+        problem = f"returns {len(compacted)} tensors where the masked model returns {len(masked)}"
+    for a, b in zip(masked, compacted, strict=False) if problem is None else ():
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            diff = (a - b).abs().max().item() if a.shape == b.shape else f"shapes {a.shape} and {b.shape}"
+            problem = f"differs from the masked model's on it (largest difference {diff})"
+    if problem:
+        raise ValueError(
+            f"cannot export: on the probe batch the compacted model {problem}; the model reads the "
+            "embeddings somewhere other than the Linear whose input holds them, so their columns and "
+            "features cannot be removed"
+        )
+
+
 def _features_of(ebc: MaskedEmbeddingBagCollection, table: str) -> list[str]:
     return [f for f in ebc.feature_names if ebc.table_of(f) == table]
 
@@ -171,18 +284,8 @@ def _rebuild_dlrm(layout: DLRMLayout, modules: dict[str, nn.Module], plan: _Plan
     assert isinstance(masked, MaskedEmbeddingBagCollection)
     kept_names = [layout.features[f] for f in plan.features[layout.ebc]]
     dims = plan.dims[layout.ebc]
-    weights = masked.inner.state_dict()
-    configs, tables = [], {}
-    for config in masked.embedding_bag_configs():
-        names = [f for f in config.feature_names if f in kept_names]
-        if not names:
-            continue
-        configs.append(dataclasses.replace(config, embedding_dim=len(dims), feature_names=names))
-        tables[config.name] = weights[masked.weight_key(config.name)][:, dims]
-    device = next(iter(tables.values())).device
-    ebc = EmbeddingBagCollection(tables=configs, is_weighted=masked.inner.is_weighted(), device=device)
-    for name, weight in tables.items():
-        ebc.embedding_bags[name].weight.copy_(weight)
+    ebc = _plain_ebc(masked, kept_names, {t: dims for t in masked.table_names})
+    configs = ebc.embedding_bag_configs()
     dlrm = modules[layout.dlrm]
     dlrm.sparse_arch = SparseArch(ebc)
     dlrm.inter_arch = InteractionArch(num_sparse_features=len(kept_names))

@@ -1,4 +1,5 @@
-"""Where a TorchRec DLRM's embedding outputs enter its MLPs, for structured compression and export.
+"""Where embedding outputs enter a model's MLPs, for structured compression and export: TorchRec's DLRM
+(dot interaction), and models that concatenate the pooled embeddings into a Linear's input.
 
 DLRM does not feed embeddings to a Linear: its ``InteractionArch`` stacks the bottom MLP's output and
 the F pooled embeddings (config order) into F + 1 vectors of one dimension D and passes the dense
@@ -12,6 +13,7 @@ Linear (the dot products need one D for every vector).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +105,86 @@ def dlrm_layouts(model: nn.Module) -> list[DLRMLayout]:
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class ConcatLayout:
+    """A wrapped ``EmbeddingBagCollection`` whose pooled output, ``KeyedTensor.values()`` (every feature's
+    columns one after the other), enters one Linear as a contiguous block of its input columns: the
+    layout of models that concatenate dense features and embeddings into an MLP. Each table's columns
+    are then free to shrink on their own (no interaction ties the dimensions together).
+
+    Args:
+        ebc: FQN of the ``MaskedEmbeddingBagCollection``.
+        linear: FQN of the ``MaskedLinear`` reading the block.
+        first: input column of ``linear`` where the block starts.
+        blocks: ``(feature, table, dim)`` per feature, in the order of the block.
+    """
+
+    ebc: str
+    linear: str
+    first: int
+    blocks: tuple[tuple[str, str, int], ...]
+
+    def columns(self, feature: int) -> range:
+        """Columns of ``linear`` that read feature ``blocks[feature]``."""
+        start = self.first + sum(dim for _, _, dim in self.blocks[:feature])
+        return range(start, start + self.blocks[feature][2])
+
+
+@torch.no_grad()
+def concat_layouts(model: nn.Module, probe: Callable[[nn.Module], object]) -> list[ConcatLayout]:
+    """The ``ConcatLayout`` of every wrapped embedding bag collection whose output ``probe(model)`` (one
+    forward on an example batch) feeds to exactly one ``MaskedLinear`` as a block of its input, found by
+    value: the Linear's input columns equal the collection's output, exactly, at one offset only. Runs
+    in eval mode; collections whose output is all zeros on the probe, or found at no or several places,
+    are left out.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, MaskedEmbeddingBagCollection):
+            handles.append(module.register_forward_hook(_keep_output(outputs, fqn, module)))
+        elif isinstance(module, MaskedLinear):
+            handles.append(module.register_forward_pre_hook(_keep_input(inputs, fqn)))
+    training = model.training
+    try:
+        model.eval()
+        probe(model)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    out = []
+    for ebc, (values, blocks) in outputs.items():
+        if not bool(values.ne(0).any()):
+            continue
+        width = values.shape[1]
+        found = [
+            (linear, start)
+            for linear, x in inputs.items()
+            if x.dim() == 2 and x.shape[0] == values.shape[0]
+            for start in range(x.shape[1] - width + 1)
+            if torch.equal(x[:, start : start + width], values)
+        ]
+        if len(found) == 1:
+            out.append(ConcatLayout(ebc, found[0][0], found[0][1], blocks))
+    return out
+
+
+def _keep_output(store: dict, fqn: str, module: MaskedEmbeddingBagCollection) -> Callable:
+    def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+        keys, dims = output.keys(), output.length_per_key()  # type: ignore[attr-defined]
+        blocks = tuple((k, module.table_of(k), d) for k, d in zip(keys, dims, strict=True))
+        store[fqn] = (output.values().detach(), blocks)  # type: ignore[attr-defined]
+
+    return hook
+
+
+def _keep_input(store: dict, fqn: str) -> Callable:
+    def hook(_module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            store[fqn] = args[0].detach()
+
+    return hook
