@@ -235,3 +235,32 @@ def test_a_model_that_reads_the_embeddings_elsewhere_too_is_refused_on_its_outpu
     probe = lambda m: m(batch.dense_features, batch.sparse_features)  # noqa: E731
     with pytest.raises(ValueError, match="reads the embeddings somewhere other than the Linear"):
         tp.export(model, probe=probe)
+
+
+def test_umec_selects_features_of_a_concatenating_model_and_its_export_fits_the_budget():
+    """With a probe UMEC finds the concatenated collection and learns its features with the neurons;
+    the model it leaves exports (same probe) within the FLOPs budget, counted on the exported model."""
+    torch.manual_seed(0)
+    model = tp.wrap(ConcatModel(fused=False))
+    dense, kjt = concat_batch(0)
+    probe = lambda m: m(dense, kjt)  # noqa: E731
+    pruner = UMECPruner(model, UMECConfig(budget=0.3, phase_steps=40, eta4=100.0), probe=probe)
+    features = next(layer for layer in pruner.layers if layer.kind == "features")
+    assert features.size == 3 and features.cols["mlp.0"][0].tolist() == list(range(3, 19))
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(40):
+        d, k = concat_batch(100 + step)
+        labels = torch.randint(0, 2, (16, 1), generator=generator).float()
+        optimizer.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(d, k), labels).backward()
+        optimizer.step()
+        pruner.update()
+    pruner.finalize([optimizer])
+    plain, _ = tp.export(model, probe=probe)
+    assert fc_flops(plain).forward <= 0.3 * fc_flops(model).dense_forward
+    with torch.no_grad():
+        torch.testing.assert_close(plain(*concat_batch(7)), model(*concat_batch(7)), **TOLERANCE)
+    gated = int((~model.ebc.feature_gate).sum())
+    assert gated == pruner.removed["features:ebc"]
+    assert sum(len(c.feature_names) for c in plain.ebc.embedding_bag_configs()) == 3 - gated

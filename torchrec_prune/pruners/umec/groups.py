@@ -8,6 +8,9 @@ A *group layer* is a set of groups of one kind, among which UMEC learns how many
   Linear that read it (its dot products, ``DLRMLayout.pair_columns``) and its feature gate.
 - ``dims:<ebc>``: DLRM's embedding dimension, reduced in common: group ``k`` is column ``k`` of every
   table, output ``k`` of the bottom MLP and dense column ``k`` of the top MLP's first Linear.
+- ``features:<ebc>`` of a model that concatenates the pooled embeddings into a Linear's input
+  (``ConcatLayout``, found with a probe forward): each group the columns of that Linear reading one
+  feature, and its feature gate.
 
 A group's size is the L2 norm of all the weights it holds. Every row or column belongs to at most one
 group layer, so the layers' removals add up.
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
-from torchrec_prune.masks.layout import dlrm_layouts
+from torchrec_prune.masks.layout import ConcatLayout, dlrm_layouts
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.surgery import embedding_weight_blocks, prune_
 from torchrec_prune.pruners.structured import neuron_successors
@@ -107,6 +110,29 @@ def dlrm_layers(model: nn.Module, *, features: bool, dims: bool) -> list[GroupLa
                     tables={layout.ebc: tuple(ebc.table_names)},
                 )
             )
+    return layers
+
+
+def concat_feature_layers(model: nn.Module, layouts: Iterable[ConcatLayout]) -> list[GroupLayer]:
+    """A ``features`` layer per concatenated collection with more than one feature: group ``g`` is the
+    block of the reading Linear's columns that holds feature ``layout.blocks[g]``, and its gate."""
+    layers = []
+    for layout in layouts:
+        if len(layout.blocks) < 2:
+            continue
+        ebc = model.get_submodule(layout.ebc)
+        assert isinstance(ebc, MaskedEmbeddingBagCollection)
+        cols = [torch.tensor(list(layout.columns(g))) for g in range(len(layout.blocks))]
+        ids = torch.cat([torch.full((len(c),), g) for g, c in enumerate(cols)])
+        gates = torch.tensor([ebc.feature_names.index(f) for f, _, _ in layout.blocks])
+        layers.append(
+            GroupLayer(
+                f"features:{layout.ebc}",
+                len(layout.blocks),
+                cols={layout.linear: (torch.cat(cols), ids)},
+                features={layout.ebc: gates},
+            )
+        )
     return layers
 
 

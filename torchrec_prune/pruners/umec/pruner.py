@@ -29,7 +29,7 @@ per step) before anything is derived from them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import nn
 from torchrec_prune.importance.reduce import all_reduce_mean_
 from torchrec_prune.importance.state import check_keys
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection
+from torchrec_prune.masks.layout import concat_layouts, dlrm_layouts
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.pruners.base import OptimizersArg, PrunerBase, optimizers_of
 from torchrec_prune.pruners.schedules import check_steps
@@ -49,6 +50,7 @@ from torchrec_prune.pruners.umec.groups import (
     GroupMap,
     check_disjoint,
     close_groups,
+    concat_feature_layers,
     dlrm_layers,
     is_open,
     neuron_layers,
@@ -166,15 +168,22 @@ class UMECConfig:
         return out
 
 
-def find_layers(model: nn.Module, config: UMECConfig) -> list[GroupLayer]:
-    """The group layers ``config`` asks for, checked to be disjoint."""
+def find_layers(
+    model: nn.Module, config: UMECConfig, probe: Callable[[nn.Module], object] | None = None
+) -> list[GroupLayer]:
+    """The group layers ``config`` asks for, checked to be disjoint; with ``probe`` (one forward on an
+    example batch), also the features of collections concatenated into a Linear (``concat_layouts``)."""
     layers = neuron_layers(model, config.targets) if config.neurons else []
     layers += dlrm_layers(model, features=config.features, dims=config.embedding_dims)
+    if probe is not None and config.features:
+        dlrm = {layout.ebc for layout in dlrm_layouts(model)}
+        concat = [layout for layout in concat_layouts(model, probe) if layout.ebc not in dlrm]
+        layers += concat_feature_layers(model, concat)
     if not layers:
         raise ValueError(
             "UMEC: the model has no group to remove (no hidden MaskedLinear feeding another through a "
-            "Sequential chain, no wrapped DLRM with a dot interaction); call torchrec_prune.wrap(model) "
-            "first, or enable more group kinds"
+            "Sequential chain, no wrapped DLRM with a dot interaction, no collection concatenated into a "
+            "Linear found by a probe); call torchrec_prune.wrap(model) first, or enable more group kinds"
         )
     check_disjoint(layers)
     return layers
@@ -182,6 +191,10 @@ def find_layers(model: nn.Module, config: UMECConfig) -> list[GroupLayer]:
 
 class UMECPruner(PrunerBase):
     """Resource-constrained joint feature selection, embedding-dimension reduction and neuron pruning.
+
+    ``probe``: one call of the model on an example batch (``lambda m: m(dense, kjt)``), for a model
+    other than DLRM that concatenates its pooled embeddings into a Linear: UMEC then also selects its
+    features (``concat_layouts``; export the result with the same probe).
 
     Raises (at construction, before any training):
         ValueError: a budget outside (0, 1]; a budget below the smallest model that keeps one group per
@@ -194,8 +207,10 @@ class UMECPruner(PrunerBase):
         pruner.allocation()  # {"neurons:...": (removed, groups), ...}
     """
 
-    def __init__(self, model: nn.Module, config: UMECConfig) -> None:
-        layers = find_layers(model, config)
+    def __init__(
+        self, model: nn.Module, config: UMECConfig, probe: Callable[[nn.Module], object] | None = None
+    ) -> None:
+        layers = find_layers(model, config, probe)
         self._modules = touched_modules(layers, dict(model.named_modules()))
         closed = [fqn for fqn, module in self._modules.items() if not is_open(module)]
         if closed:
