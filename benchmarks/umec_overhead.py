@@ -6,12 +6,13 @@ attached, its phase longer than the run so it never removes anything; one withou
 from other jobs on the machine falls on both alike. Inference likewise alternates the plain dense DLRM
 and the model exported after UMEC at budget 0.5, in eval mode without gradients.
 
-Per line the overhead is the median over rounds of the per-round ratio, with its quartiles and min-max
-spread; the host's load averages and the UTC time are recorded with it. Writes
+Per line the overhead is UMEC's share of the total step time over all rounds, with a 95% interval from
+resampling the rounds in pairs, beside the median, quartiles and min-max of the per-round ratios; the
+host's load averages and the UTC time are recorded with it. Writes
 ``docs/results/umec_overhead.{md,json}`` (the page's hand-written ``## Reading of this run`` section is
 kept).
 
-Usage: python benchmarks/umec_overhead.py [--rounds 60] [--steps 20]
+Usage: python benchmarks/umec_overhead.py [--rounds 60] [--steps 20]   (the results page: --rounds 100)
 """
 
 from __future__ import annotations
