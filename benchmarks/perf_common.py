@@ -2,9 +2,10 @@
 and one results file per benchmark.
 
 Arms are timed side by side in one process, round by round in turn (A B C, A B C, ...), each round a fixed
-number of steps; a ratio is the median over rounds of the per-round ratio, so a slow spell of a shared
-machine hits every arm of that round alike. CPU time (``time.thread_time``) is reported beside wall time:
-it leaves out time the thread waited for a core that another process held.
+number of steps, so a slow spell of a shared machine hits every arm of that round alike. A ratio is the
+median over rounds of the per-round ratio, and the ratio of total times with its 95% interval over
+rounds. CPU time (``time.thread_time``) is reported beside wall time: it leaves out time the thread
+waited for a core that another process held.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -75,11 +77,25 @@ def interleave(arms: dict[str, Callable[[], None]], rounds: int, warmup: int = 1
 
 
 def ratio(timings: dict[str, Timing], arm: str, base: str, kind: str = "cpu") -> dict[str, float]:
-    """Median, min and max over rounds of ``arm``'s time over ``base``'s in the same round."""
-    per_round = [
-        a / b for a, b in zip(getattr(timings[arm], kind), getattr(timings[base], kind), strict=True)
-    ]
-    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+    """Median, min and max over rounds of ``arm``'s time over ``base``'s in the same round; and the ratio
+    of the two arms' total times (``total``) with a 95% interval from resampling the rounds in pairs
+    (``low``, ``high``): single rounds swing by tens of percent here, and the total is the steadier
+    figure."""
+    pairs = list(zip(getattr(timings[arm], kind), getattr(timings[base], kind), strict=True))
+    per_round = [a / b for a, b in pairs]
+    rng = random.Random(0)
+    draws = sorted(
+        sum(a for a, _ in sample) / sum(b for _, b in sample)
+        for sample in (rng.choices(pairs, k=len(pairs)) for _ in range(4000))
+    )
+    return {
+        "median": statistics.median(per_round),
+        "min": min(per_round),
+        "max": max(per_round),
+        "total": sum(a for a, _ in pairs) / sum(b for _, b in pairs),
+        "low": draws[100],
+        "high": draws[3899],
+    }
 
 
 def machine() -> dict[str, object]:

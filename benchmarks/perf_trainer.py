@@ -211,7 +211,10 @@ def measure(args: argparse.Namespace) -> None:
     more = ("trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused", "shard_plain_over_plain_fused")
     for key in (*keys, *more, "trainer_over_shard_plain"):
         r = results[key]
-        print(f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
+        print(
+            f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}); "
+            f"total {r['total']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f})"
+        )
     print(f"wrote {path}")
 
 
