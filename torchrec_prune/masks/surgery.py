@@ -17,7 +17,7 @@ from torch import nn
 from torchrec_prune.masks.embedding import MaskedEmbeddings
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import masked_modules
-from torchrec_prune.train.optimizer_state import check_regrown_state, regrow_state_, reset_state_
+from torchrec_prune.train.optimizer_state import check_regrown_state, renew_state_
 
 _LINEAR_MASKS = ("weight_mask", "neuron_mask", "input_mask")
 
@@ -64,27 +64,15 @@ def set_linear_masks_(
         current.copy_(value.to(device=current.device, dtype=torch.bool))
     after_w = _linear_keep(layer)
     layer.weight.masked_fill_((before_w ^ after_w) | ~after_w, 0.0)
-    _renew_state(optimizers, layer.weight, before_w, after_w, regrown_state)
+    renew_state_(optimizers, layer.weight, before_w, after_w, regrown_state)
     if layer.bias is not None:
         # A closed neuron's bias is masked in the forward (its output is exactly 0) but keeps its value:
         # a regrown row starts at exactly 0, and behind a ReLU a zero row with a zero bias would never get
         # a gradient again (relu'(0) = 0). The kept bias lets the regrown neuron's signal restart.
-        _renew_state(optimizers, layer.bias, before_b, layer.neuron_mask, regrown_state)
+        renew_state_(optimizers, layer.bias, before_b, layer.neuron_mask, regrown_state)
     if "weight_mask" in masks:
         layer.release_open_element_mask_()  # structured pruning never holds a per-weight mask
     return int((before_w & ~after_w).sum()), int((~before_w & after_w).sum())
-
-
-def _renew_state(
-    optimizers: list[torch.optim.Optimizer],
-    param: torch.Tensor,
-    before: torch.Tensor,
-    after: torch.Tensor,
-    regrown_state: str,
-) -> None:
-    """Reset the state of entries that closed; start that of re-opened ones under ``regrown_state``."""
-    reset_state_(optimizers, param, before & ~after)
-    regrow_state_(optimizers, param, ~before & after, before & after, regrown_state)
 
 
 def _tables(module: MaskedEmbeddings) -> list[str]:
@@ -185,7 +173,7 @@ def set_embedding_masks_(
         block[:, touched[col0 : col0 + block.shape[1]].to(block.device)] = 0.0
         if param is not None:
             before_t, after_t = before[table].to(param.device), module.dim_mask(table).to(param.device)
-            _renew_state(optimizers, param, before_t.unsqueeze(0), after_t.unsqueeze(0), regrown_state)
+            renew_state_(optimizers, param, before_t.unsqueeze(0), after_t.unsqueeze(0), regrown_state)
     for table, _, block, col0 in fused_state_blocks(module):
         block[:, changed[table][col0 : col0 + block.shape[1]].to(block.device)] = 0.0
     # UVM-caching kernels serve lookups from rows cached in HBM, not from the weights written above:

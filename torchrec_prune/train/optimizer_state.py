@@ -133,6 +133,21 @@ def regrow_state_(
     return len(entries)
 
 
+def renew_state_(
+    optimizers: Iterable[torch.optim.Optimizer],
+    param: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    regrown_state: str = "reset",
+) -> None:
+    """The optimizer state of ``param`` across a mask change from ``before`` to ``after`` (bool,
+    broadcastable to param): entries that closed are reset, re-opened ones start under
+    ``regrown_state`` (``regrow_state_``), the rest keep theirs."""
+    optimizers = list(optimizers)
+    reset_state_(optimizers, param, before & ~after)
+    regrow_state_(optimizers, param, ~before & after, before & after, regrown_state)
+
+
 def keep_pruned_zero(
     optimizer: torch.optim.Optimizer, model: torch.nn.Module
 ) -> torch.utils.hooks.RemovableHandle:

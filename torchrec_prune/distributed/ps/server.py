@@ -30,7 +30,7 @@ from torchrec_prune.distributed.ps.config import PSConfig
 from torchrec_prune.distributed.ps.layout import ParamLayout, has_mask, keep_mask
 from torchrec_prune.distributed.ps.messages import PullReply, PullRequest, PushReply, PushRequest, as_tensor
 from torchrec_prune.distributed.ps.store import ShardStore
-from torchrec_prune.train.optimizer_state import regrow_state_, reset_state_
+from torchrec_prune.train.optimizer_state import renew_state_
 from torchrec_prune.train.trainer import TrainConfig, make_optimizer
 
 _MASK_HISTORY = 8  # mask versions a shard remembers, to mask gradients computed under an older mask
@@ -375,11 +375,10 @@ class ShardState:
         for name, keep in new.items():
             param, old = self.params[name], self.keeps[name]
             changed = (old ^ keep).expand_as(param)
-            reopened = changed & keep.expand_as(param)
-            reset_state_(self.optimizers, param, changed & ~reopened)
-            regrow_state_(self.optimizers, param, reopened, old & keep, self.regrown_state)
+            renew_state_(self.optimizers, param, old, keep, self.regrown_state)
             if not keep_mask(self.layout, name, self.masks)[1]:
                 continue  # a bias: masked in the forward, value kept
+            reopened = changed & keep.expand_as(param)
             param.masked_fill_(changed | ~keep.expand_as(param), 0.0)
             if self.regrow_value:
                 param.masked_fill_(reopened, self.regrow_value)
