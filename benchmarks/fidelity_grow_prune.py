@@ -204,12 +204,6 @@ def summarize(tasks: list[dict]) -> list[dict]:
             for name in SCHEMES
             if name != "alternate"
         }
-        # every scheme as accurate as dense on every seed: the models predict the same class for every
-        # scored row (plain SGD that learned only the base rate), so accuracy cannot test the claims
-        entry["degenerate"] = all(t["runs"][n]["relative_accuracy"] == 0 for t in mine for n in SCHEMES)
-        if entry["degenerate"]:
-            for v in entry["schemes"].values():
-                v["accuracy_claim"] = "undefined"
         ranks = sorted(SCHEMES, key=lambda n: -entry["schemes"][n]["relative_accuracy"]["mean"])
         entry["rank_of_alternate"] = ranks.index("alternate") + 1
         beats = [verdict(ci) for ci in entry["alternate_minus"].values()]
@@ -218,8 +212,13 @@ def summarize(tasks: list[dict]) -> list[dict]:
             entry["best_claim"] = "met"
         elif any(b == "below 0" for b in beats):
             entry["best_claim"] = "not met"
+        # every scheme as accurate as dense on every seed: the models predict the same class for every
+        # scored row (plain SGD that learned only the base rate), so accuracy cannot test the claims
+        entry["degenerate"] = all(t["runs"][n]["relative_accuracy"] == 0 for t in mine for n in SCHEMES)
         if entry["degenerate"]:
             entry["best_claim"] = "undefined"
+            for v in entry["schemes"].values():
+                v["accuracy_claim"] = "undefined"
         out.append(entry)
     return out
 

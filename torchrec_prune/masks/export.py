@@ -36,7 +36,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import Perceptron
 
 from torchrec_prune.masks.embedding import MaskedEmbeddingBagCollection, MaskedEmbeddings
-from torchrec_prune.masks.layout import ConcatLayout, DLRMLayout, concat_layouts, dlrm_layouts
+from torchrec_prune.masks.layout import ConcatLayout, DLRMLayout, concat_layouts, dlrm_layouts, run_in_eval
 from torchrec_prune.masks.linear import MaskedLinear
 from torchrec_prune.masks.wrap import _refuse_sharded, masked_modules
 
@@ -92,19 +92,18 @@ def export(
     plan = _Plan()
     _plan_neurons(model, plan)
     layouts = {layout.ebc: layout for layout in dlrm_layouts(model)}
-    concats: dict[str, ConcatLayout] = {}
+    concats: dict[str, ConcatLayout] | None = None  # found on the probe once, where first needed
     for fqn, module in masked_modules(model):
         if not isinstance(module, MaskedEmbeddings):
             continue
         if fqn in layouts:
             _plan_dlrm(layouts[fqn], modules, plan)
-        elif all(bool(m.all()) for m in module.mask_buffers().values()):
             continue
-        elif probe is not None and not concats:
+        if all(bool(m.all()) for m in module.mask_buffers().values()):
+            continue
+        if concats is None and probe is not None:
             concats = {layout.ebc: layout for layout in concat_layouts(model, probe)}
-        if fqn in concats:
-            _plan_concat(concats[fqn], modules, plan)
-        elif fqn not in layouts:
+        if fqn not in (concats or {}):
             raise ValueError(
                 f"cannot export {fqn!r}: it has features gated off or embedding columns closed, and export "
                 "removes those only where it knows how the model reads the embeddings: TorchRec's DLRM "
@@ -112,6 +111,7 @@ def export(
                 "model that concatenates the pooled embeddings into one Linear's input; open them, or "
                 "bake them in as zeros with torchrec_prune.unwrap"
             )
+        _plan_concat(concats[fqn], modules, plan)
     removed = sum(len(v) for v in (*plan.rows.values(), *plan.cols.values()))
     removed += sum(len(layouts[f].features) - len(kept) for f, kept in plan.features.items())
     if not removed:
@@ -247,30 +247,35 @@ def _plain_ebc(
 @torch.no_grad()
 def _check_outputs(model: nn.Module, plain: nn.Module, probe: Callable[[nn.Module], object]) -> None:
     """Refuse an export whose outputs on ``probe`` differ from the masked model's."""
-    outputs = []
-    for m in (model, plain):
-        training = m.training
-        m.eval()
-        try:
-            outputs.append([t for t in tree_leaves(probe(m)) if isinstance(t, torch.Tensor)])
-        except Exception as e:  # the user's forward on the smaller modules: any failure is a refusal
-            outputs.append(f"fails on it ({type(e).__name__}: {e})")
-        finally:
-            m.train(training)
-    masked, compacted = outputs
-    problem = compacted if isinstance(compacted, str) else None
-    if problem is None and len(masked) != len(compacted):
-        problem = f"returns {len(compacted)} tensors where the masked model returns {len(masked)}"
-    for a, b in zip(masked, compacted, strict=False) if problem is None else ():
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-            diff = (a - b).abs().max().item() if a.shape == b.shape else f"shapes {a.shape} and {b.shape}"
-            problem = f"differs from the masked model's on it (largest difference {diff})"
-    if problem:
+    masked = _tensors(run_in_eval(model, probe))
+    try:
+        compacted = _tensors(run_in_eval(plain, probe))
+    except Exception as e:  # the user's forward on the smaller modules: any failure is a refusal
+        problem = f"fails on it ({type(e).__name__}: {e})"
+    else:
+        problem = _difference(masked, compacted)
+    if problem is not None:
         raise ValueError(
             f"cannot export: on the probe batch the compacted model {problem}; the model reads the "
             "embeddings somewhere other than the Linear whose input holds them, so their columns and "
             "features cannot be removed"
         )
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _difference(masked: list[torch.Tensor], compacted: list[torch.Tensor]) -> str | None:
+    """How ``compacted`` differs from ``masked`` beyond rtol 1e-5 / atol 1e-6, or ``None``."""
+    if len(masked) != len(compacted):
+        return f"returns {len(compacted)} tensors where the masked model returns {len(masked)}"
+    for a, b in zip(masked, compacted, strict=True):
+        if a.shape != b.shape:
+            return f"differs from the masked model's on it (shapes {a.shape} and {b.shape})"
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            return f"differs from the masked model's on it (largest difference {(a - b).abs().max().item()})"
+    return None
 
 
 def _features_of(ebc: MaskedEmbeddingBagCollection, table: str) -> list[str]:

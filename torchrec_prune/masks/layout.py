@@ -148,12 +148,9 @@ def concat_layouts(model: nn.Module, probe: Callable[[nn.Module], object]) -> li
             handles.append(module.register_forward_hook(_keep_output(outputs, fqn, module)))
         elif isinstance(module, MaskedLinear):
             handles.append(module.register_forward_pre_hook(_keep_input(inputs, fqn)))
-    training = model.training
     try:
-        model.eval()
-        probe(model)
+        run_in_eval(model, probe)
     finally:
-        model.train(training)
         for handle in handles:
             handle.remove()
     out = []
@@ -171,6 +168,17 @@ def concat_layouts(model: nn.Module, probe: Callable[[nn.Module], object]) -> li
         if len(found) == 1:
             out.append(ConcatLayout(ebc, found[0][0], found[0][1], blocks))
     return out
+
+
+def run_in_eval(model: nn.Module, probe: Callable[[nn.Module], object]) -> object:
+    """``probe(model)`` with ``model`` in eval mode (no dropout; batch norm on its running statistics),
+    its mode given back after."""
+    training = model.training
+    model.eval()
+    try:
+        return probe(model)
+    finally:
+        model.train(training)
 
 
 def _keep_output(store: dict, fqn: str, module: MaskedEmbeddingBagCollection) -> Callable:

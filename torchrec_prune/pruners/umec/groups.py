@@ -161,7 +161,7 @@ def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module])
     for layer in layers:
         for fqn, tables in layer.tables.items():
             wanted = set(tables)
-            tile_tables_([(b, p) for t, b, _, p in embedding_weight_blocks(modules[fqn]) if t in wanted])
+            tile_tables_([p for t, _, _, p in embedding_weight_blocks(modules[fqn]) if t in wanted])
             out[fqn] = [
                 (t, block, col0) for t, block, col0, _ in embedding_weight_blocks(modules[fqn]) if t in wanted
             ]
@@ -169,17 +169,16 @@ def table_blocks(layers: Iterable[GroupLayer], modules: Mapping[str, nn.Module])
 
 
 @torch.no_grad()
-def tile_tables_(blocks: list[tuple[torch.Tensor, nn.Parameter | None]]) -> None:
-    """Move table ``Parameter``s of one width, dtype and device into one buffer, end to end, in place:
-    each ``Parameter`` keeps its identity, shape and values (optimizers, hooks and state dicts are
-    unaffected) and its ``data`` becomes a view of the buffer. Left alone: blocks without a
-    ``Parameter`` (shards of a sharded collection, a fused kernel's tables, already one buffer) and
-    tables that differ in width, dtype or device, or are not contiguous."""
-    params = [p for _, p in blocks]
-    if len(params) < 2 or any(p is None for p in params):
+def tile_tables_(blocks: list[nn.Parameter | None]) -> None:
+    """Move the tables' ``Parameter``s (``embedding_weight_blocks``'s fourth field, one per block) into
+    one buffer, end to end, in place: each keeps its identity, shape and values (optimizers, hooks and
+    state dicts are unaffected) and its ``data`` becomes a view of the buffer. Left alone: blocks
+    without a ``Parameter`` (shards of a sharded collection, a fused kernel's tables) and tables that
+    differ in width, dtype or device, or are not contiguous."""
+    params = [p for p in blocks if p is not None]
+    if len(params) < 2 or len(params) < len(blocks):
         return
     first = params[0]
-    assert first is not None
     if any(
         p.dim() != 2
         or p.shape[1] != first.shape[1]
@@ -187,12 +186,10 @@ def tile_tables_(blocks: list[tuple[torch.Tensor, nn.Parameter | None]]) -> None
         or p.device != first.device
         or not p.is_contiguous()
         for p in params
-        if p is not None
     ):
         return
-    buffer = torch.cat([p.data.reshape(-1) for p in params if p is not None])
-    for p, view in zip(params, buffer.split([p.numel() for p in params if p is not None]), strict=True):
-        assert p is not None
+    buffer = torch.cat([p.data.reshape(-1) for p in params])
+    for p, view in zip(params, buffer.split([p.numel() for p in params]), strict=True):
         p.data = view.view(p.shape)
 
 
@@ -227,12 +224,13 @@ class _Axis:
     """The rows (``dim`` 0, with the bias) or the columns (``dim`` 1) of one Linear that hold groups:
     ``groups[entry]`` is the global group of an entry (``GroupMap.size`` for none) where an entry is in
     one group at most, else the (entry, global group) pairs (DLRM's dot products, each in two feature
-    groups)."""
+    groups), whose entries ``norms`` also keeps on the host (``entries``)."""
 
     dim: int
     bias: torch.Tensor | None
     layers: set[int]
     groups: torch.Tensor | Index
+    entries: np.ndarray | None = None
 
 
 class GroupMap:
@@ -279,11 +277,12 @@ class GroupMap:
             idx = torch.cat([i for _, (i, _) in parts])
             gid = torch.cat([g for _, (_, g) in parts])
             groups: torch.Tensor | Index
+            entries = None
             if len(idx.unique()) == len(idx):
                 groups = torch.full((weight.shape[dim],), self.size).index_put_((idx,), gid).to(device)
             else:
-                groups = (idx.to(device), gid.to(device))
-            axis = _Axis(dim, bias, {layer for layer, _ in parts}, groups)
+                groups, entries = (idx.to(device), gid.to(device)), idx.numpy()
+            axis = _Axis(dim, bias, {layer for layer, _ in parts}, groups, entries)
             self.linears.setdefault(fqn, (weight, []))[1].append(axis)
         # the global group of each value `norms` sums per Linear axis (its rows or columns, in order;
         # for shared entries, one value per (entry, group) pair), all axes one after the other
@@ -313,9 +312,7 @@ class GroupMap:
                 if axis.bias is not None:
                     bias = _host(axis.bias)
                     sums += bias * bias
-                values.append(
-                    sums if isinstance(axis.groups, torch.Tensor) else sums[axis.groups[0].cpu().numpy()]
-                )
+                values.append(sums if axis.entries is None else sums[axis.entries])
         weights = np.concatenate(values) if values else None
         out = np.bincount(self._norm_ids, weights=weights, minlength=self.size + 1)
         for (first, width), group in self.tables.items():

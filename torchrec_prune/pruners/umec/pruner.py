@@ -94,8 +94,18 @@ def _tensor(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _floats(values: torch.Tensor | list[float]) -> list[float]:
-    return [float(v) for v in values]
+class _Floats:
+    """A few numbers held as Python floats in ``_<name>`` (the update's arithmetic runs on them), read
+    as a float64 tensor and set from a tensor or a sequence."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        return self if obj is None else _tensor(getattr(obj, self.attr))
+
+    def __set__(self, obj: object, value: torch.Tensor | Sequence[float]) -> None:
+        setattr(obj, self.attr, [float(v) for v in value])
 
 
 def check_budget(name: str, value: object) -> None:
@@ -207,6 +217,10 @@ class UMECPruner(PrunerBase):
         pruner.allocation()  # {"neurons:...": (removed, groups), ...}
     """
 
+    u = _Floats()  # s_l / n_l per layer, the variable Adam moves
+    y = _Floats()  # sparsity duals, one per layer
+    z = _Floats()  # resource duals, one per resource (RESOURCES)
+
     def __init__(
         self, model: nn.Module, config: UMECConfig, probe: Callable[[nn.Module], object] | None = None
     ) -> None:
@@ -249,33 +263,6 @@ class UMECPruner(PrunerBase):
     def s(self) -> torch.Tensor:
         """Continuous number of groups to remove, per layer."""
         return self.u * self.sizes
-
-    @property
-    def u(self) -> torch.Tensor:
-        """``s / n`` per layer, the variable Adam moves."""
-        return _tensor(self._u)
-
-    @u.setter
-    def u(self, value: torch.Tensor | list[float]) -> None:
-        self._u = _floats(value)
-
-    @property
-    def y(self) -> torch.Tensor:
-        """Sparsity duals, one per layer."""
-        return _tensor(self._y)
-
-    @y.setter
-    def y(self, value: torch.Tensor | list[float]) -> None:
-        self._y = _floats(value)
-
-    @property
-    def z(self) -> torch.Tensor:
-        """Resource duals, one per resource (``RESOURCES``)."""
-        return _tensor(self._z)
-
-    @z.setter
-    def z(self, value: torch.Tensor | list[float]) -> None:
-        self._z = _floats(value)
 
     def counts(self) -> list[int]:
         """``ceil(s_l)``, at most ``n_l - 1`` (every layer keeps a group)."""
