@@ -124,7 +124,8 @@ def test_shard_row_push_applies_the_library_adagrad_to_those_rows_only():
                 mask_version=0,
                 rank=0,
                 batch=step,
-                rows={"t_cat_0": (np.array([2, 7]), grad_rows)},
+                keys=layout.keys("t_cat_0", np.array([2, 7])),
+                rows=grad_rows,
             )
         )
     torch.testing.assert_close(shard.params[table].detach(), reference.detach(), rtol=1e-6, atol=1e-7)
@@ -201,10 +202,11 @@ def test_regrow_value_is_where_reopened_weights_start():
 
 def test_pull_returns_masks_only_when_newer_and_state_dict_round_trips():
     model = tiny_model()
-    shard, _ = shard_of(model)
+    shard, layout = shard_of(model)
     assert shard.pull(PullRequest(dense=True, mask_version=0)).masks == {}
-    reply = shard.pull(PullRequest(rows={"t_cat_1": np.array([3])}, dense=True, mask_version=-1))
-    assert reply.masks and reply.rows["t_cat_1"].shape == (1, 4)
+    reply = shard.pull(PullRequest(keys=layout.keys("t_cat_1", np.array([3])), dense=True, mask_version=-1))
+    table = dict(model.named_parameters())[layout.tables["t_cat_1"].param]
+    assert reply.masks and np.array_equal(reply.rows, table.detach()[[3]].numpy())
     state = shard.state_dict()
     other, _ = shard_of(tiny_model())
     other.load_state_dict(state)

@@ -85,12 +85,15 @@ class TrainConfig:
             )
 
 
-def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The dense optimizer named by ``config`` (SGD or Adagrad)."""
+def make_optimizer(
+    params: Iterable[nn.Parameter], config: TrainConfig, *, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """The dense optimizer named by ``config`` (SGD or Adagrad); ``fused=True`` updates every tensor in one
+    kernel (torch's default, ``None``, loops over tensors on CPU)."""
     params = [p for p in params if p.requires_grad]
     if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        return torch.optim.Adagrad(params, lr=config.lr, fused=fused)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, fused=fused)
 
 
 def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ server's tensors and the driver's mask replica agree on names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -85,6 +86,22 @@ class ParamLayout:
 
     def row_owner(self, ids: np.ndarray) -> np.ndarray:
         return ids % self.shards
+
+    @cached_property
+    def key_bases(self) -> np.ndarray:
+        """Global key of each table's row 0, tables in layout order: a row's key is its table's base plus
+        its id, so one sorted array of keys names rows of every table (what messages carry)."""
+        sizes = [spec.num_embeddings for spec in self.tables.values()]
+        return np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+
+    def keys(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Global keys of rows ``ids`` of ``table``."""
+        return self.key_bases[list(self.tables).index(table)] + np.asarray(ids, dtype=np.int64)
+
+    def locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Table index (layout order) and id of each global key."""
+        table = np.searchsorted(self.key_bases, keys, side="right") - 1
+        return table, keys - self.key_bases[table]
 
     def local_rows(self, ids: np.ndarray) -> np.ndarray:
         """Index of global rows ``ids`` inside their owner's block."""

@@ -1,5 +1,10 @@
 """What trainers and server shards exchange: numpy buffers only, so Ray's object store moves them without
-pickling Python lists (arrays travel out of band, zero-copy on read)."""
+pickling Python lists (arrays travel out of band, zero-copy on read).
+
+The rows of every table travel as one array of global keys and one of rows, not one pair per table: Ray
+serialises each array on its own, and a dict of 26 tables' arrays took 0.44 ms to pickle and load where
+the same rows in two arrays took 0.05 ms.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ def nbytes(arrays: dict[str, np.ndarray]) -> int:
 
 @dataclass
 class PullRequest:
-    """Rows (global ids, per table) and, with ``dense``, every dense tensor and the masks of the shard."""
+    """Rows by global key (``ParamLayout.keys``) and, with ``dense``, every dense tensor and the masks of
+    the shard."""
 
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dense: bool = False
     mask_version: int = -1
 
@@ -39,20 +45,22 @@ class PullReply:
     version: int
     mask_version: int
     incarnation: int = 0
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: np.ndarray | None = None  # the asked rows, in the order of the request's keys
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.rows) + nbytes(self.dense) + nbytes(self.masks)
+        rows = 0 if self.rows is None else int(self.rows.nbytes)
+        return rows + nbytes(self.dense) + nbytes(self.masks)
 
 
 @dataclass
 class PushRequest:
     """Gradients computed on weights of version ``copy_version`` under masks of ``mask_version``.
 
-    ``rows`` maps a table to ``(global ids, gradient rows)``; ``dense`` maps a parameter to its gradient.
+    ``rows`` holds the gradient rows of the table rows ``keys`` (global keys, ``ParamLayout.keys``), one
+    array for every table; ``dense`` maps a parameter to its gradient.
     ``rank`` and ``batch`` (the batch's index in that trainer's partition) let a shard commit the
     partition's offset and drop a push it has already applied (a retry after a restart).
     """
@@ -61,12 +69,14 @@ class PushRequest:
     mask_version: int
     rank: int
     batch: int
-    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    rows: np.ndarray | None = None
     dense: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.dense) + sum(int(i.nbytes + g.nbytes) for i, g in self.rows.values())
+        rows = 0 if self.rows is None else int(self.rows.nbytes)
+        return nbytes(self.dense) + int(self.keys.nbytes) + rows
 
 
 @dataclass

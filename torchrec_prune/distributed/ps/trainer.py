@@ -56,14 +56,13 @@ class ShardClients(Protocol):
 class Rows:
     """A batch's distinct rows of every table, in table order then id order.
 
-    ``keys`` are global row keys (a table's base plus the id), ``slots`` their rows in the trainer's
-    pool, ``new`` which were not cached; ``table`` the index of each row's table and ``inverse`` the
-    position in ``keys`` of each id of the batch, feature by feature.
+    ``keys`` are global row keys (``ParamLayout.keys``) and ``ids`` the rows' ids in their tables,
+    ``slots`` their rows in the trainer's pool, ``new`` which were not cached; ``inverse`` the position in
+    ``keys`` of each id of the batch, feature by feature.
     """
 
     keys: np.ndarray
     ids: np.ndarray
-    table: np.ndarray
     slots: np.ndarray
     new: np.ndarray
     inverse: np.ndarray
@@ -153,14 +152,12 @@ class PSTrainer:
         self.train = job.train
         stream = make_stream(job)
         self.stream = stream
-        self.model = wrap(build_dlrm(replace(model_config_for(stream, job.model), num_embeddings=1)))
+        self.model = wrap(build_dlrm(replace(model_config_for(stream, job.model), num_embeddings=1))).train()
         self.table_names = list(layout.tables)
         self.pool = _batch_tables(self.model, ps.cache_rows * len(self.table_names))
         self.params = dict(self.model.named_parameters())
         self.buffers = dict(self.model.named_buffers())
         self.cache = RowCache(ps.cache_rows * len(self.table_names))
-        sizes = [spec.num_embeddings for spec in layout.tables.values()]
-        self.bases = np.cumsum([0, *sizes[:-1]]).astype(np.int64)  # global key of each table's row 0
         self.table_index = {f: self.table_names.index(t) for f, t in layout.feature_table().items()}
         self._key_bases: dict[tuple[str, ...], np.ndarray] = {}  # feature order -> each feature's base
         modules = dict(self.model.named_modules())
@@ -231,7 +228,6 @@ class PSTrainer:
             sparse_features=self._remap(batch.sparse_features, rows),
             labels=batch.labels,
         )
-        self.model.train()
         for p in self.params.values():
             p.grad = None
         loss, logits = self.forward_fn(self.model, local)
@@ -259,13 +255,12 @@ class PSTrainer:
         names = tuple(kjt.keys())
         bases = self._key_bases.get(names)
         if bases is None:
-            bases = self._key_bases[names] = self.bases[[self.table_index[k] for k in names]]
+            bases = self._key_bases[names] = self.layout.key_bases[[self.table_index[k] for k in names]]
         keys, inverse = np.unique(
             kjt.values().numpy() + np.repeat(bases, kjt.length_per_key()), return_inverse=True
         )
-        table = np.searchsorted(self.bases, keys, side="right") - 1
         slots, new = self.cache.assign(keys)
-        return Rows(keys, keys - self.bases[table], table, slots, new, inverse)
+        return Rows(keys, self.layout.locate(keys)[1], slots, new, inverse)
 
     def _remap(self, kjt: KeyedJaggedTensor, rows: Rows) -> KeyedJaggedTensor:
         """The batch's ids rewritten to pool slots (the local pool's row indices)."""
@@ -275,18 +270,6 @@ class PSTrainer:
             lengths=kjt.lengths(),
             stride=kjt.stride(),
         )
-
-    def _by_table(self, rows: Rows, pick: np.ndarray, *columns: np.ndarray) -> dict[str, Any]:
-        """The picked rows' ``columns``, split by table (rows are in table order): one array per table,
-        or a tuple of them for several columns."""
-        where = np.flatnonzero(pick)
-        bounds = np.searchsorted(rows.table[where], np.arange(len(self.table_names) + 1))
-        out: dict[str, Any] = {}
-        for t, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            if b > a:
-                parts = tuple(c[where[a:b]] for c in columns)
-                out[self.table_names[t]] = parts if len(parts) > 1 else parts[0]
-        return out
 
     @torch.no_grad()
     def _refresh(self, rows: Rows) -> np.ndarray:
@@ -299,7 +282,7 @@ class PSTrainer:
         for s in range(shards):
             pick = stale & (owner == s)
             if pick.any():
-                requests[s] = PullRequest(rows=self._by_table(rows, pick, rows.ids))
+                requests[s] = PullRequest(keys=rows.keys[pick])
                 wanted[s] = rows.slots[pick]
         for s in range(shards):
             if self.known[s] - self.dense_version[s] >= staleness:
@@ -331,8 +314,8 @@ class PSTrainer:
         for s, reply in replies.items():
             self.stats["bytes_pulled"] += reply.nbytes
             self._seen(s, reply.version, reply.incarnation)
-            if reply.rows:  # in the order asked: table order, then id order, as ``wanted[s]``
-                pool[as_tensor(wanted[s])] = as_tensor(np.concatenate(list(reply.rows.values())))
+            if reply.rows is not None:  # in the order asked, as ``wanted[s]``
+                pool[as_tensor(wanted[s])] = as_tensor(reply.rows)
                 self.cache.versions[wanted[s]] = reply.version
             if requests[s].dense:
                 for name, value in reply.dense.items():
@@ -372,7 +355,7 @@ class PSTrainer:
             for s in range(self.layout.shards):
                 pick = owner == s
                 if pick.any():
-                    requests[s].rows = self._by_table(rows, pick, rows.ids, grad_rows)
+                    requests[s].keys, requests[s].rows = rows.keys[pick], grad_rows[pick]
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
         started = time.perf_counter()
         if self.ps.staleness > 1:  # the next step may compute before this push is applied
