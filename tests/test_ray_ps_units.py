@@ -388,3 +388,40 @@ def test_ray_train_config_names_the_flag(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         RayTrainConfig(job=small_job(), ps=PSConfig(), **kwargs)
+
+
+def test_a_push_carries_the_next_batch_pull_and_trains_as_separate_calls_do():
+    """Inside a chunk each push asks for the next batch's rows; with one trainer at staleness 1 that
+    pull sees the same server state as a pull of its own after the push, so the weights are equal."""
+    from torchrec_prune.distributed.ps.backends import LocalShards
+    from torchrec_prune.distributed.ps.trainer import PSTrainer
+
+    class Counting(LocalShards):
+        calls = 0
+
+        def pull(self, requests):
+            self.calls += 1
+            return super().pull(requests)
+
+        def push(self, requests):
+            self.calls += 1
+            return super().push(requests)
+
+    job = small_job(batch_size=64)
+    stream = make_stream(job)
+    runs = []
+    for chunk in (8, 1):
+        torch.manual_seed(0)
+        model = wrap(build_dlrm(model_config_for(stream, job.model)))
+        layout = ParamLayout.from_model(model, 2)
+        masks = {n: b.numpy().copy() for n, b in mask_buffers(model).items()}
+        params = dict(model.named_parameters())
+        shards = [ShardState(s, layout, layout.split_state(params, s), masks, job.train) for s in (0, 1)]
+        clients = Counting(shards)
+        trainer = PSTrainer(0, job, PSConfig(trainers=1, staleness=1, cache_rows=256), layout, clients)
+        scores = [s for _ in range(8 // chunk) for s in trainer.run_steps(chunk).scores]
+        runs.append((clients.calls, scores, layout.merge_states([s.weights() for s in shards])))
+    (calls, scores, weights), (calls_alone, scores_alone, weights_alone) = runs
+    assert (calls, calls_alone) == (1 + 8, 8 + 8)  # one pull call, then every pull rides on a push
+    assert all(np.array_equal(a.logits, b.logits) for a, b in zip(scores, scores_alone, strict=True))
+    assert all(torch.equal(weights[n], weights_alone[n]) for n in weights)

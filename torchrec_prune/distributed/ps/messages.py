@@ -62,7 +62,9 @@ class PushRequest:
     ``rows`` holds the gradient rows of the table rows ``keys`` (global keys, ``ParamLayout.keys``), one
     array for every table; ``dense`` maps a parameter to its gradient.
     ``rank`` and ``batch`` (the batch's index in that trainer's partition) let a shard commit the
-    partition's offset and drop a push it has already applied (a retry after a restart).
+    partition's offset and drop a push it has already applied (a retry after a restart). ``pull``, when
+    set, is the trainer's next pull, answered right after this push in the same call: Ray's fixed cost
+    of a call (about 2 ms of CPU on each side on the 2-core machine here) is paid once a step.
     """
 
     copy_version: int
@@ -72,17 +74,21 @@ class PushRequest:
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     rows: np.ndarray | None = None
     dense: dict[str, np.ndarray] = field(default_factory=dict)
+    pull: PullRequest | None = None
 
     @property
     def nbytes(self) -> int:
         rows = 0 if self.rows is None else int(self.rows.nbytes)
-        return nbytes(self.dense) + int(self.keys.nbytes) + rows
+        pull = 0 if self.pull is None else int(self.pull.keys.nbytes)
+        return nbytes(self.dense) + int(self.keys.nbytes) + rows + pull
 
 
 @dataclass
 class PushReply:
-    """The shard's version after applying the push, its mask version and incarnation."""
+    """The shard's version after applying the push, its mask version and incarnation; ``pulled`` answers
+    the push's ``pull``."""
 
     version: int
     mask_version: int
     incarnation: int = 0
+    pulled: PullReply | None = None

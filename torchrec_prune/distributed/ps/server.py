@@ -270,13 +270,20 @@ class ShardState:
         self.stats["pull_cpu_seconds"] += time.thread_time() - cpu
         return reply
 
-    @torch.no_grad()
     def push(self, request: PushRequest) -> PushReply:
-        """Apply one trainer's gradients, masked by the current masks and by those it computed under.
+        """Apply one trainer's gradients, masked by the current masks and by those it computed under;
+        then answer the pull the push carries (the trainer's next batch), in the reply.
 
         A push of a batch at or before the trainer's committed offset here (Ray retrying a call the
         shard's previous incarnation had taken) is dropped: no batch is applied twice.
         """
+        reply = self._take(request)
+        if request.pull is not None:
+            reply.pulled = self.pull(request.pull)
+        return reply
+
+    @torch.no_grad()
+    def _take(self, request: PushRequest) -> PushReply:
         started, cpu = time.perf_counter(), time.thread_time()
         if request.batch <= self.committed.get(request.rank, -1):
             self.stats["duplicate_pushes"] += 1

@@ -36,6 +36,7 @@ from torchrec_prune.train.trainer import default_forward
 
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 _NEVER = -(10**9)  # version of a copy that was never pulled
+PullPlan = tuple[dict[int, PullRequest], dict[int, np.ndarray]]  # requests by shard, pool slots they fill
 
 
 class ShardClients(Protocol):
@@ -168,6 +169,8 @@ class PSTrainer:
         self.restarts: list[ShardRestart] = []
         self._copies_invalid = False
         self._in_flight: Any = None  # the last push, while its replies are not taken
+        self._ahead: Rows | None = None  # the next batch's rows, asked for with the push in flight
+        self._pulling: PullPlan | None = None  # what that push asked for
         self.mask_version = 0
         self.batches_done = 0
         self._batches = self._partition()
@@ -196,32 +199,46 @@ class PSTrainer:
                 yield a, b, batch
 
     def run_steps(self, steps: int) -> ChunkReport:
-        """Train on up to ``steps`` more batches of the partition; ``done`` when it is exhausted."""
+        """Train on up to ``steps`` more batches of the partition; ``done`` when it is exhausted.
+
+        Inside the chunk each push carries the pull of the next batch's rows; the chunk's last push
+        carries none, so no copy outlives the call (between calls the driver may change masks or
+        checkpoint).
+        """
         scores: list[BatchScore] = []
         done = False
-        for _ in range(steps):
-            item = next(self._batches, None)
+        item = next(self._batches, None)
+        for i in range(steps):
             if item is None:
                 done = True
                 break
-            scores.append(self.step(*item))
+            upcoming = next(self._batches, None) if i + 1 < steps else None
+            scores.append(self.step(*item, upcoming=None if upcoming is None else upcoming[2]))
+            item = upcoming
         self._collect()
         if self._copies_invalid:
             self._invalidate()
         restarts, self.restarts = self.restarts, []
         return ChunkReport(self.rank, scores, done=done, restarts=restarts)
 
-    def step(self, start: int, end: int, batch: Batch) -> BatchScore:
-        """Pull what is missing or stale, score and learn from ``batch``, push its gradients."""
+    def step(self, start: int, end: int, batch: Batch, upcoming: Batch | None = None) -> BatchScore:
+        """Pull what is missing or stale, score and learn from ``batch``, push its gradients.
+
+        With ``upcoming`` (the next batch to train) the push also asks for the rows and dense tensors
+        that batch will need, decided as its own step would decide them now.
+        """
         now, step_cpu = time.time(), time.thread_time()
         self.stats["first_step_at"] = self.stats["first_step_at"] or now
         n = batch.labels.numel()
         self.batches_done += 1
         if n == 0:  # every row of the range was malformed
             return BatchScore(start, end, np.zeros(0, np.float32), np.zeros(0, np.float32), finished_at=now)
-        rows = self._rows(batch.sparse_features)
-        self._collect()  # the last push's versions, before deciding what is stale (copies dropped later)
-        copy_version = self._refresh(rows)
+        rows, self._ahead = self._ahead, None
+        self._collect()  # the last push's versions and the rows it pulled (copies dropped later)
+        if rows is None:  # not asked for with the last push: decide and pull now
+            rows = self._rows(batch.sparse_features)
+            self._refresh(rows)
+        copy_version = self._copy_versions(rows)
         started, cpu = time.perf_counter(), time.thread_time()
         local = Batch(
             dense_features=batch.dense_features,
@@ -235,7 +252,9 @@ class PSTrainer:
         taylor = self._taylor()
         self.stats["compute_seconds"] += time.perf_counter() - started
         self.stats["compute_cpu_seconds"] += time.thread_time() - cpu
-        self._push(rows, copy_version)
+        if upcoming is not None and upcoming.labels.numel() and not self._copies_invalid:
+            self._ahead = self._rows(upcoming.sparse_features)
+        self._push(rows, copy_version, self._ahead)
         self.stats["steps"] += 1
         self.stats["samples"] += n
         self.stats["last_step_at"] = time.time()
@@ -271,32 +290,41 @@ class PSTrainer:
             stride=kjt.stride(),
         )
 
-    @torch.no_grad()
-    def _refresh(self, rows: Rows) -> np.ndarray:
-        """Pull rows and dense tensors ``staleness`` versions old; returns each shard's copy version."""
-        shards, staleness = self.layout.shards, self.ps.staleness
+    def _pull_plan(self, rows: Rows, known: np.ndarray) -> PullPlan:
+        """What to pull for ``rows``, given the newest server ``known`` versions: rows that are new or
+        ``staleness`` versions old, and dense tensors as old; with the pool slots each shard's rows go to."""
+        staleness = self.ps.staleness
         owner = self.layout.row_owner(rows.ids)
-        stale = rows.new | (self.known[owner] - self.cache.versions[rows.slots] >= staleness)
+        stale = rows.new | (known[owner] - self.cache.versions[rows.slots] >= staleness)
         requests: dict[int, PullRequest] = {}
         wanted: dict[int, np.ndarray] = {}
-        for s in range(shards):
+        for s in range(self.layout.shards):
             pick = stale & (owner == s)
             if pick.any():
                 requests[s] = PullRequest(keys=rows.keys[pick])
                 wanted[s] = rows.slots[pick]
-        for s in range(shards):
-            if self.known[s] - self.dense_version[s] >= staleness:
+            if known[s] - self.dense_version[s] >= staleness:
                 request = requests.setdefault(s, PullRequest())
                 request.dense, request.mask_version = True, self.mask_version
+        return requests, wanted
+
+    @torch.no_grad()
+    def _refresh(self, rows: Rows) -> None:
+        """Pull rows and dense tensors ``staleness`` versions old."""
+        requests, wanted = self._pull_plan(rows, self.known)
         if requests:
             started = time.perf_counter()
             replies = self.clients.pull(requests)
             self.stats["pull_seconds"] += time.perf_counter() - started
             self.stats["pulls"] += 1
             self._load(requests, replies, wanted)
+
+    def _copy_versions(self, rows: Rows) -> np.ndarray:
+        """Per shard, the oldest server version among the copies this step computes with."""
         copy = self.dense_version.copy()
+        owner = self.layout.row_owner(rows.ids)
         versions = self.cache.versions[rows.slots]
-        for s in range(shards):
+        for s in range(self.layout.shards):
             mine = versions[owner == s]
             if len(mine):
                 copy[s] = min(copy[s], int(mine.min()))
@@ -334,7 +362,9 @@ class PSTrainer:
         scorer.observe(self.taylor_layers)
         return {fqn: t.numpy() for fqn, t in scorer.scores(self.taylor_layers).items()}
 
-    def _push(self, rows: Rows, copy: np.ndarray) -> None:
+    def _push(self, rows: Rows, copy: np.ndarray, ahead: Rows | None) -> None:
+        """Send the step's gradients; with ``ahead``, each shard's push carries the next batch's pull,
+        planned with the version this push will create (one past the newest known)."""
         requests = {
             s: PushRequest(
                 copy_version=int(copy[s]),
@@ -356,9 +386,15 @@ class PSTrainer:
                 pick = owner == s
                 if pick.any():
                     requests[s].keys, requests[s].rows = rows.keys[pick], grad_rows[pick]
+        if ahead is not None:
+            pulls, wanted = self._pull_plan(ahead, self.known + 1)
+            for s, pull in pulls.items():
+                requests[s].pull = pull
+            self._pulling = (pulls, wanted)
+            self.stats["pulls"] += bool(pulls)
         self.stats["bytes_pushed"] += sum(r.nbytes for r in requests.values())
         started = time.perf_counter()
-        if self.ps.staleness > 1:  # the next step may compute before this push is applied
+        if self.ps.staleness > 1 or ahead is not None:  # the next step waits for it before computing
             self._in_flight = self.clients.push_async(requests)
         else:
             self._replies(self.clients.push(requests))
@@ -368,13 +404,17 @@ class PSTrainer:
 
     def _collect(self) -> None:
         """Wait for the push in flight (one at most: a shard then applies a trainer's pushes in order and
-        a pull sent after it sees it) and take its replies."""
+        a pull sent after it sees it) and take its replies, and the rows pulled with it."""
         if self._in_flight is not None:
             started = time.perf_counter()
             replies = self.clients.wait(self._in_flight)
             self._in_flight = None
             self.stats["push_seconds"] += time.perf_counter() - started
             self._replies(replies)
+            if self._pulling is not None:
+                pulls, wanted = self._pulling
+                self._pulling = None
+                self._load(pulls, {s: replies[s].pulled for s in pulls}, wanted)
 
     def _replies(self, replies: dict[int, PushReply]) -> None:
         for s, reply in replies.items():
