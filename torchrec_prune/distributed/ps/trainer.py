@@ -164,6 +164,7 @@ class PSTrainer:
         modules = dict(self.model.named_modules())
         self.taylor_layers = {fqn: modules[fqn] for fqn in taylor_layers}
         self.known = np.zeros(layout.shards, dtype=np.int64)  # latest server version seen, per shard
+        self._known_last_step = self.known.copy()  # ``known`` when the last step pushed
         self.dense_version = np.full(layout.shards, _NEVER, dtype=np.int64)
         self.incarnation = np.zeros(layout.shards, dtype=np.int64)
         self.restarts: list[ShardRestart] = []
@@ -364,7 +365,9 @@ class PSTrainer:
 
     def _push(self, rows: Rows, copy: np.ndarray, ahead: Rows | None) -> None:
         """Send the step's gradients; with ``ahead``, each shard's push carries the next batch's pull,
-        planned with the version this push will create (one past the newest known)."""
+        planned with the versions the shards will be at when the next step would decide: the newest known
+        plus the versions they advanced by over the last step (at least this push's one). With one
+        trainer that is exactly the version this push creates."""
         requests = {
             s: PushRequest(
                 copy_version=int(copy[s]),
@@ -386,8 +389,10 @@ class PSTrainer:
                 pick = owner == s
                 if pick.any():
                     requests[s].keys, requests[s].rows = rows.keys[pick], grad_rows[pick]
+        pace = np.maximum(1, self.known - self._known_last_step)  # server versions per step, as last seen
+        self._known_last_step = self.known.copy()
         if ahead is not None:
-            pulls, wanted = self._pull_plan(ahead, self.known + 1)
+            pulls, wanted = self._pull_plan(ahead, self.known + pace)
             for s, pull in pulls.items():
                 requests[s].pull = pull
             self._pulling = (pulls, wanted)
