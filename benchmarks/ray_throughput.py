@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from perf_common import Timing, ratio
 
 from torchrec_prune.distributed.ps import PSConfig, ray_session  # before ray: loopback
 from torchrec_prune.distributed.ps.actors import ActorPool
@@ -95,17 +96,16 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--stem", default="ray_throughput", help="results file names under docs/results")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--render", action="store_true", help="rewrite the page from the stem's JSON only")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    if args.render:
+        saved = json.loads((OUT / f"{args.stem}.json").read_text())
+        args = argparse.Namespace(**saved["args"])
+        write(args, cores, setups_for(args.global_batch), saved["runs"])
+        return
     torch.set_num_threads(1)  # the driver: small ops; an OpenMP team would spin on the actors' cores
-    gb = args.global_batch
-    setups: list[tuple[str, int, int, int]] = [  # label, nproc or trainers, per-trainer batch, staleness
-        ("1 process (train)", 1, gb, 0),
-        ("2 ranks (torchrun + DMP, gloo)", 2, gb // 2, 0),
-        ("Ray PS: 1 trainer, 1 shard, staleness 2", 1, gb, 2),
-        ("Ray PS: 2 trainers, 1 shard, staleness 2", 2, gb // 2, 2),
-        ("Ray PS: 2 trainers, 1 shard, staleness 8", 2, gb // 2, 8),
-    ]
+    setups = setups_for(args.global_batch)
     runs = []
     with ray_session(None, num_cpus=cores), tempfile.TemporaryDirectory() as tmp:
         pool = ActorPool()
@@ -126,8 +126,29 @@ def main() -> None:
     write(args, cores, setups, runs)
 
 
+def setups_for(gb: int) -> list[tuple[str, int, int, int]]:
+    """Label, nproc or trainers, per-trainer batch and staleness of each setup at global batch ``gb``."""
+    return [
+        ("1 process (train)", 1, gb, 0),
+        ("2 ranks (torchrun + DMP, gloo)", 2, gb // 2, 0),
+        ("Ray PS: 1 trainer, 1 shard, staleness 2", 1, gb, 2),
+        ("Ray PS: 2 trainers, 1 shard, staleness 2", 2, gb // 2, 2),
+        ("Ray PS: 2 trainers, 1 shard, staleness 8", 2, gb // 2, 8),
+    ]
+
+
+def paired(runs: list[dict], label: str, base: str) -> dict[str, float]:
+    """``label``'s speed over ``base``'s, repeat by repeat (every setup trains the same rows): the ratio
+    of their total times with a 95% interval from resampling the repeats (``perf_common.ratio``)."""
+    seconds = {name: Timing() for name in (label, base)}
+    for run in runs:
+        if run["setup"] in seconds:
+            seconds[run["setup"]].wall.append(1.0 / run["samples_per_second"])
+    return ratio(seconds, base, label, kind="wall")
+
+
 def command_flags(args: argparse.Namespace) -> str:
-    defaults = {"rows": 40_000, "global_batch": 256, "repeats": 2, "stem": "ray_throughput"}
+    defaults = {"rows": 40_000, "global_batch": 256, "repeats": 2, "stem": "ray_throughput", "render": False}
     flags = [f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if defaults.get(k) != v]
     return "".join(flags)
 
@@ -157,16 +178,23 @@ def write(args: argparse.Namespace, cores: int, setups: list, runs: list[dict]) 
         "to 8 MiB sent inline with the call (`runtime.INLINE_BYTES`); each trainer holds 4096 rows per "
         "table in one pool shared by the 26 tables (`--cache-rows`).",
         "",
-        "| setup | samples/s (median) | min | max | vs 1 process | vs 2-rank DMP | last-quarter CE |",
-        "|---|---|---|---|---|---|---|",
+        "The last columns pair each repeat's run with the same repeat's 2-rank DMP run: the median of those "
+        "speed ratios (min-max), and the ratio of total times over all repeats with a 95% interval from "
+        "resampling the repeats.",
+        "",
+        "| setup | samples/s (median) | min | max | vs 1 process | vs 2-rank DMP | last-quarter CE "
+        "| vs DMP per repeat | vs DMP, total (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, *_ in setups:
         rates = [r["samples_per_second"] for r in runs if r["setup"] == label]
+        vs = paired(runs, label, dmp)
         lines.append(
             f"| {label} | {statistics.median(rates):.0f} | {min(rates):.0f} | {max(rates):.0f} | "
             f"{med(label, 'samples_per_second') / med(base, 'samples_per_second'):.2f}x | "
             f"{med(label, 'samples_per_second') / med(dmp, 'samples_per_second'):.2f}x | "
-            f"{med(label, 'last_quarter_ce'):.4f} |"
+            f"{med(label, 'last_quarter_ce'):.4f} | {vs['median']:.2f} ({vs['min']:.2f}-{vs['max']:.2f}) | "
+            f"{vs['total']:.3f} ({vs['low']:.3f}-{vs['high']:.3f}) |"
         )
     lines += [
         "",
@@ -208,12 +236,14 @@ def scaling_model(
     """Predicted samples/s for N trainers and S shards from CPU costs measured with one trainer.
 
     A trainer step costs ``c`` ms of trainer CPU and waits for one push and one pull to be served
-    (``s_push + s_pull`` ms of shard CPU for the whole model, split over the shards it touches) plus two
-    round trips of ``RTT`` ms; each shard serves requests one at a time; the driver spends ``driver`` ms
-    of CPU per batch.
+    (``s_push + s_pull`` ms of shard CPU for the whole model, split over the shards it touches) plus the
+    round trips of ``RTT`` ms: one a step, as the push carries the next pull, and one more for the
+    pull of each chunk's first step; each shard serves requests one at a time; the driver spends
+    ``driver`` ms of CPU per batch.
     """
     rtt = 1.0
-    step = c + s_push + s_pull + 2 * rtt
+    trips = 1 + 1 / PSConfig().chunk_steps
+    step = c + s_push + s_pull + trips * rtt
     trainer_rate = batch / (step / 1e3)  # samples/s of one trainer with idle shards
     lines = [
         "",
@@ -223,13 +253,14 @@ def scaling_model(
         f"shared cores is not counted: trainer c = {c:.1f} ms/step (forward, backward, cache, "
         f"(de)serialisation), shard {s_push:.2f} ms/push + {s_pull:.2f} ms/pull for the whole model, driver "
         f"{driver:.3f} ms/batch; {per_sample:.0f} bytes/sample moved. Assumptions: one core per trainer, per "
-        f"shard and for the driver; {rtt:.0f} ms per round trip (LAN; 2 per step: pull, push); one pull per "
-        "step (staleness 1-2 with many trainers); shard work splits evenly over shards (dense tensors are "
-        "assigned whole, so past ~8 shards the largest tensor, the 355x256 top-MLP input layer, bounds a "
-        "shard: the model ignores that); no stragglers, no network limit; queueing at a shard ignored "
-        "below saturation.",
+        f"shard and for the driver; {rtt:.0f} ms per round trip (LAN; {trips:.3f} per step: the push "
+        f"carries the next batch's pull, a chunk of {PSConfig().chunk_steps} steps pulls once on its own); "
+        "one pull per step (staleness 1-2 with many trainers); shard work splits evenly over shards (dense "
+        "tensors are assigned whole, so past ~8 shards the largest tensor, the 355x256 top-MLP input "
+        "layer, bounds a shard: the model ignores that); no stragglers, no network limit; queueing at a "
+        "shard ignored below saturation.",
         "",
-        "Per trainer: t = c + s_push + s_pull + 2 rtt = "
+        f"Per trainer: t = c + s_push + s_pull + {trips:.3f} rtt = "
         f"{step:.1f} ms/step, {trainer_rate:.0f} samples/s. "
         "X(N, S) = min(N B / t, S B / (s_push + s_pull), B / driver); efficiency = X / (N B / t). "
         "S80 is the fewest shards for >= 80% efficiency.",
