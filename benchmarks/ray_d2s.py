@@ -102,7 +102,7 @@ def write(args: argparse.Namespace, f: dict) -> None:
         f"Synthetic stream, {args.rows} rows, drift 2, increments of 6000 rows, batch 128, DLRM emb dim 4, "
         "bottom 64-32-4, top 64-32-1, 10k-row tables, Adagrad; D2S fixed line, r=2, p=1, warm-up 2, AUX "
         f"lambda 1.75. One process (`D2SController`) vs three Ray actors (`run_d2s_ray`) on "
-        f"{platform.machine()} with {os.cpu_count()} cores, shared with other engineers' tests.",
+        f"{platform.machine()} with {os.cpu_count()} cores, shared with other jobs.",
         "",
         "| | one process | Ray (3 actors) |",
         "|---|---|---|",

@@ -107,7 +107,7 @@ def write(args: argparse.Namespace, runs: dict[float, dict]) -> None:
         f"Synthetic stream, {args.rows} rows, DLRM emb dim 4, bottom 64-32-4, top 64-32-1, 10k-row tables; "
         f"growth-only plan (sparse first 50% at beta 0.7, then regrown), SGD lr 0.1, 2 trainer actors x "
         f"{args.batch_size} rows, staleness 4, 1 shard; embedded Ray on loopback, {platform.machine()}, "
-        f"{os.cpu_count()} cores, shared with other engineers' tests (timing plays no part here).",
+        f"{os.cpu_count()} cores, shared with other jobs (timing plays no part here).",
         "",
         "Jump statistic: norm of the regrown weights right after growth (they are exactly 0 before it) "
         "divided by the largest change of that norm per push over the next 50 pushes. CE jump: mean "
