@@ -156,9 +156,11 @@ class ShardState:
         self.layout = layout
         tables = [spec.param for spec in layout.tables.values()]
         self.params = {n: nn.Parameter(as_tensor(np.array(v))) for n, v in init.items() if n not in tables}
-        self.rows = RowStore.build({name: init[name] for name in tables})
+        self.row_store = RowStore.build({name: init[name] for name in tables})
         for name in tables:
-            self.params[name] = nn.Parameter(self.rows.view(name, self.rows.weight, len(init[name])))
+            self.params[name] = nn.Parameter(
+                self.row_store.view(name, self.row_store.weight, len(init[name]))
+            )
         self.params = {name: self.params[name] for name in init}  # the layout's order
         # The dense optimizer is fused: one kernel over every tensor (0.3 ms a push against 1.2 ms for
         # torch's multi-tensor loop on the reference MLPs), as the DMP jobs' dense optimizers. The tables'
@@ -168,7 +170,7 @@ class ShardState:
         self.optimizers = [make_optimizer(dense, train, fused=True)] if dense else []
         self.optimizers.append(make_optimizer([self.params[n] for n in tables], train))
         self._row_rule = _row_rule(self.optimizers[-1])
-        self.rows.share_state(self.optimizers[-1], self.params)
+        self.row_store.share_state(self.optimizers[-1], self.params)
         self.version = 0
         self.mask_version = 0
         self.incarnation = 0
@@ -249,14 +251,14 @@ class ShardState:
     def _locate(self, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Table index and row in the store of each global key."""
         table, ids = self.layout.locate(keys)
-        return as_tensor(table), as_tensor(self.rows.starts[table] + self.layout.local_rows(ids))
+        return as_tensor(table), as_tensor(self.row_store.starts[table] + self.layout.local_rows(ids))
 
     def pull(self, request: PullRequest) -> PullReply:
         """Current weights of the requested rows (and dense tensors and masks when asked)."""
         started, cpu = time.perf_counter(), time.thread_time()
         reply = PullReply(version=self.version, mask_version=self.mask_version, incarnation=self.incarnation)
         if len(request.keys):
-            reply.rows = self.rows.weight[self._locate(request.keys)[1]].numpy()
+            reply.rows = self.row_store.weight[self._locate(request.keys)[1]].numpy()
         if request.dense:
             reply.dense = {
                 name: self.params[name].detach().numpy().copy()
@@ -339,7 +341,7 @@ class ShardState:
             g = as_tensor(request.rows)
             if not (current and self._tables_open):
                 g = self._masked(g, (self._table_keeps & self._by_table(then))[table])
-            self._row_rule(self.rows.weight, self.rows.state, local, g)
+            self._row_rule(self.row_store.weight, self.row_store.state, local, g)
         for optimizer in self.optimizers[:-1]:  # the dense one (the tables' rows are done)
             optimizer.step()
         for param in self.params.values():
@@ -348,7 +350,7 @@ class ShardState:
             self.stats["violations"] += int((param.detach()[closed] != before).sum())
         if len(request.keys) and not self._tables_open:
             closed = ~self._table_keeps[table]
-            self.stats["violations"] += int((self.rows.weight[local][closed] != 0).sum())
+            self.stats["violations"] += int((self.row_store.weight[local][closed] != 0).sum())
 
     def _masked(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         closed = ~keep.expand_as(grad)
@@ -441,7 +443,7 @@ class ShardState:
             self.params[name].copy_(as_tensor(value))
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
-        self.rows.share_state(self.optimizers[-1], self.params)
+        self.row_store.share_state(self.optimizers[-1], self.params)
         self.masks = {name: as_tensor(np.array(m, dtype=bool)) for name, m in state["masks"].items()}
         self._take_keeps(self._keeps())
         self.version = int(state["version"])
