@@ -340,7 +340,8 @@ class ShardState:
             table, local = self._locate(request.keys)
             g = as_tensor(request.rows)
             if not (current and self._tables_open):
-                g = self._masked(g, (self._table_keeps & self._by_table(then))[table])
+                computed_under = self._table_keeps if current else self._by_table(then)
+                g = self._masked(g, (self._table_keeps & computed_under)[table])
             self._row_rule(self.row_store.weight, self.row_store.state, local, g)
         for optimizer in self.optimizers[:-1]:  # the dense one (the tables' rows are done)
             optimizer.step()

@@ -57,13 +57,13 @@ class ShardClients(Protocol):
 class Rows:
     """A batch's distinct rows of every table, in table order then id order.
 
-    ``keys`` are global row keys (``ParamLayout.keys``) and ``ids`` the rows' ids in their tables,
+    ``keys`` are global row keys (``ParamLayout.keys``) and ``owner`` the shard that owns each row,
     ``slots`` their rows in the trainer's pool, ``new`` which were not cached; ``inverse`` the position in
     ``keys`` of each id of the batch, feature by feature.
     """
 
     keys: np.ndarray
-    ids: np.ndarray
+    owner: np.ndarray
     slots: np.ndarray
     new: np.ndarray
     inverse: np.ndarray
@@ -280,7 +280,7 @@ class PSTrainer:
             kjt.values().numpy() + np.repeat(bases, kjt.length_per_key()), return_inverse=True
         )
         slots, new = self.cache.assign(keys)
-        return Rows(keys, self.layout.locate(keys)[1], slots, new, inverse)
+        return Rows(keys, self.layout.row_owner(self.layout.locate(keys)[1]), slots, new, inverse)
 
     def _remap(self, kjt: KeyedJaggedTensor, rows: Rows) -> KeyedJaggedTensor:
         """The batch's ids rewritten to pool slots (the local pool's row indices)."""
@@ -294,8 +294,7 @@ class PSTrainer:
     def _pull_plan(self, rows: Rows, known: np.ndarray) -> PullPlan:
         """What to pull for ``rows``, given the newest server ``known`` versions: rows that are new or
         ``staleness`` versions old, and dense tensors as old; with the pool slots each shard's rows go to."""
-        staleness = self.ps.staleness
-        owner = self.layout.row_owner(rows.ids)
+        staleness, owner = self.ps.staleness, rows.owner
         stale = rows.new | (known[owner] - self.cache.versions[rows.slots] >= staleness)
         requests: dict[int, PullRequest] = {}
         wanted: dict[int, np.ndarray] = {}
@@ -323,10 +322,9 @@ class PSTrainer:
     def _copy_versions(self, rows: Rows) -> np.ndarray:
         """Per shard, the oldest server version among the copies this step computes with."""
         copy = self.dense_version.copy()
-        owner = self.layout.row_owner(rows.ids)
         versions = self.cache.versions[rows.slots]
         for s in range(self.layout.shards):
-            mine = versions[owner == s]
+            mine = versions[rows.owner == s]
             if len(mine):
                 copy[s] = min(copy[s], int(mine.min()))
         return copy
@@ -384,9 +382,8 @@ class PSTrainer:
         grad = self.pool.pool_grad()
         if grad is not None:
             grad_rows = grad[as_tensor(rows.slots)].numpy()
-            owner = self.layout.row_owner(rows.ids)
             for s in range(self.layout.shards):
-                pick = owner == s
+                pick = rows.owner == s
                 if pick.any():
                     requests[s].keys, requests[s].rows = rows.keys[pick], grad_rows[pick]
         pace = np.maximum(1, self.known - self._known_last_step)  # server versions per step, as last seen
