@@ -43,8 +43,8 @@ def reference_batches(batch_size: int, count: int, num_embeddings: int = 10_000)
 
 
 def job_replica(stream: Stream, train: TrainConfig) -> Replica:
-    """The replica a one-process job trains on ``stream`` (DMP on the current one-rank group, fused
-    tables, wrapped layers), as ``train`` builds it; run under ``one_process_group()``."""
+    """The replica a job trains on ``stream``, as ``train`` builds it (``replica_factory``: wrapped layers,
+    tables in a ``FusedEmbeddingBagCollection`` in one process, DMP-sharded on a group of several ranks)."""
     job = JobConfig(rows=stream.num_rows, train=train, checkpoint=False, checkpoint_every=0)
     return build_replica(PreparedJob(job, stream, {}, None), torch.device("cpu"))
 

@@ -1,17 +1,16 @@
 """One-process speed of the trainer against plain TorchRec loops on the reference DLRM, arms interleaved.
 
 Arms (same batches, batch 128 by default, one intra-op thread; every dense Adagrad is torch's fused one,
-as the jobs' DMP replicas use):
-- ``plain_ebc``: TorchRec ``DLRMTrain`` over an ``EmbeddingBagCollection``, one ``torch.optim.Adagrad``;
-- ``plain_fused``: the same over a ``FusedEmbeddingBagCollection`` (exact Adagrad in the backward), a
-  dense Adagrad for the MLPs: the best plain TorchRec path in one process;
+as the jobs' replicas use):
+- ``plain_fused``: TorchRec ``DLRMTrain`` over a ``FusedEmbeddingBagCollection`` (exact Adagrad in the
+  backward), a dense Adagrad for the MLPs: the best plain TorchRec path in one process;
 - ``plain_dmp1``: the unwrapped DLRM under TorchRec's ``DistributedModelParallel`` on a one-rank group
   (default DDP wrapper, fused exact Adagrad tables, dense Adagrad): plain DMP on one rank;
 - ``shard_plain``: the unwrapped DLRM through the project's ``shard()`` on the one-rank group (as
   ``plain_dmp1`` but without DDP): what TorchRec's sharded collection costs over ``plain_fused``;
-- ``wrapped_ebc``: the ``plain_ebc`` loop over ``wrap(model)`` (what the mask wrappers cost);
-- ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs:
-  DMP on the one-rank group of ``one_process_group``, fused exact Adagrad tables, no DDP).
+- ``wrapped_fused``: the ``plain_fused`` loop over ``wrap(model)`` (what the mask wrappers cost);
+- ``trainer``: ``IncrementalTrainer.step`` over the job's replica (``build_replica``, what ``train`` runs
+  in one process: the wrapped DLRM with its tables in a ``FusedEmbeddingBagCollection``).
 
 The best plain TorchRec path is whichever of ``plain_fused`` and ``plain_dmp1`` is faster in the run.
 
@@ -130,9 +129,8 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     config = reference_config()
     batches = reference_batches(batch_size, 50)
     torch.manual_seed(0)
-    plain = build_dlrm(config)
     fused = fused_dlrm(config)
-    wrapped = wrap(build_dlrm(config))
+    wrapped = wrap(fused_dlrm(config))
     train = TrainConfig(batch_size=batch_size, lr=LR, window=5_000, progress=False)
     replica = job_replica(BatchStream(batches, num_embeddings=config.num_embeddings), train)
     trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
@@ -140,13 +138,10 @@ def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     sharding = ShardingConfig(fused_optimizer="adagrad", lr=LR, batch_size=batch_size)
     sharded = shard(build_dlrm(config, device="meta"), torch.device("cpu"), sharding)
     return {
-        "plain_ebc": loop(plain, torch.optim.Adagrad(plain.parameters(), lr=LR, fused=True), batches, steps),
         "plain_fused": loop(fused, dense_adagrad(fused), batches, steps),
         "plain_dmp1": loop(dmp, dmp_optimizer, batches, steps),
         "shard_plain": loop(sharded.model, sharded.optimizer, batches, steps),
-        "wrapped_ebc": loop(
-            wrapped, torch.optim.Adagrad(wrapped.parameters(), lr=LR, fused=True), batches, steps
-        ),
+        "wrapped_fused": loop(wrapped, dense_adagrad(wrapped), batches, steps),
         "trainer": trainer_loop(trainer, batches, steps),
     }
 
@@ -186,8 +181,8 @@ def measure(args: argparse.Namespace) -> None:
         "samples_per_cpu_second": rates,
         "samples_per_wall_second": {n: samples / statistics.median(t.wall) for n, t in timings.items()},
         # time ratios (arm / base): > 1 is slower
-        "wrappers_over_plain": ratio(timings, "wrapped_ebc", "plain_ebc"),
-        "trainer_over_plain_same_tables": ratio(timings, "trainer", "plain_ebc"),
+        "wrappers_over_plain": ratio(timings, "wrapped_fused", "plain_fused"),
+        "trainer_over_wrapped": ratio(timings, "trainer", "wrapped_fused"),
         "trainer_over_best_plain": ratio(timings, "trainer", best),
         "trainer_over_best_plain_wall": ratio(timings, "trainer", best, kind="wall"),
         "best_plain": best,
@@ -195,7 +190,6 @@ def measure(args: argparse.Namespace) -> None:
         "trainer_over_plain_dmp1": ratio(timings, "trainer", "plain_dmp1"),
         "plain_dmp1_over_plain_fused": ratio(timings, "plain_dmp1", "plain_fused"),
         "shard_plain_over_plain_fused": ratio(timings, "shard_plain", "plain_fused"),
-        "trainer_over_shard_plain": ratio(timings, "trainer", "shard_plain"),
         "rounds": {n: {"cpu": t.cpu, "wall": t.wall} for n, t in timings.items()},
     }
     path = write_results("perf_trainer", {"args": vars(args), **results})
@@ -204,12 +198,13 @@ def measure(args: argparse.Namespace) -> None:
     print(f"best plain TorchRec path: {best}")
     keys = (
         "wrappers_over_plain",
+        "trainer_over_wrapped",
         "trainer_over_best_plain",
         "trainer_over_plain_fused",
         "trainer_over_plain_dmp1",
     )
     more = ("trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused", "shard_plain_over_plain_fused")
-    for key in (*keys, *more, "trainer_over_shard_plain"):
+    for key in (*keys, *more):
         r = results[key]
         print(
             f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}); "

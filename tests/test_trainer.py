@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_torchrun
-from torch.nn.parallel import DistributedDataParallel
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 import torchrec_prune as tp
 from torchrec_prune.data import SyntheticStream, iter_increments
@@ -162,9 +162,9 @@ def _local(value: torch.Tensor) -> torch.Tensor:
 
 
 def test_one_process_jobs_train_tables_like_elementwise_adagrad():
-    """The job's one-rank DMP replica (fused exact Adagrad tables, no DDP) follows ``torch.optim.Adagrad``
-    over every parameter, the update of one-process jobs before they ran as DMP, up to summation order
-    (eps matched: fbgemm's is 1e-8)."""
+    """The job's one-process replica (tables in a ``FusedEmbeddingBagCollection`` with fused exact
+    Adagrad, no DMP) follows ``torch.optim.Adagrad`` over every parameter, up to summation order (eps
+    matched: fbgemm's is 1e-8)."""
     torch.manual_seed(0)
     plain = tp.wrap(build_dlrm(TINY))
     initial = {k: v.clone() for k, v in plain.state_dict().items()}
@@ -172,7 +172,9 @@ def test_one_process_jobs_train_tables_like_elementwise_adagrad():
     job = JobConfig(rows=640, model=TINY, train=TrainConfig(batch_size=64, progress=False), checkpoint=False)
     with one_process_group():
         replica = build_replica(PreparedJob(job, make_stream(job), {}, None), "cpu")
-        assert not isinstance(replica.model._dmp_wrapped_module, DistributedDataParallel)
+        assert isinstance(
+            replica.model.model.sparse_arch.embedding_bag_collection.ebc, FusedEmbeddingBagCollection
+        )
         with torch.no_grad():
             for name, value in replica.model.state_dict().items():
                 _local(value).copy_(initial[name])

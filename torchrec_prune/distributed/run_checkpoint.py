@@ -4,7 +4,8 @@ One checkpoint, written with ``torch.distributed.checkpoint`` (DCP) by every ran
 
 - for each named ``Replica`` (a model and its optimizers; D2S has several): the model's state dict
   (sharded tables, dense weights, every mask), the dense optimizers' state keyed by parameter FQN, and
-  under DMP the fused table optimizer's state (``model.fused_optimizer``, sharded like the tables);
+  the fused table optimizer's state (``table_optimizer``: DMP's, sharded like the tables, or that of
+  one process's ``FusedEmbeddingBagCollection`` modules, under the same keys);
 - each rank's own run state, one pickled blob per rank (trainer counters and stream position, open
   look-ahead window, pruner and schedule state, RNG states): tensors and plain values, small;
 - ``manifest.json``: position in the stream, world size, the job's configuration, a format version.
@@ -45,6 +46,7 @@ from torchrec_prune.distributed.checkpoint import (
     reading,
     state_mismatches,
 )
+from torchrec_prune.distributed.fused_tables import table_optimizer
 from torchrec_prune.train.replica import Replica
 
 FORMAT = "torchrec_prune.run_checkpoint/1"
@@ -104,7 +106,7 @@ def _replica_state(name: str, replica: Replica) -> dict[str, Any]:
     state: dict[str, Any] = {f"{name}.model": replica.model.state_dict()}
     for i, optimizer in enumerate(replica.optimizers):
         state[f"{name}.optim{i}"] = _optimizer_tensors(replica.model, optimizer)
-    fused = getattr(replica.model, "fused_optimizer", None)
+    fused = table_optimizer(replica.model)
     if fused is not None:
         state[f"{name}.fused"] = fused.state_dict()["state"]
     return state
@@ -238,7 +240,7 @@ class RunCheckpointer:
             # DCP fills tensors in place; loading them back lets TorchRec's sharded modules see it.
             replica.model.load_state_dict(state[f"{name}.model"])
             if name in fused_states:
-                fused = replica.model.fused_optimizer
+                fused = table_optimizer(replica.model)
                 fused.load_state_dict({**fused.state_dict(), "state": fused_states[name]})
 
 

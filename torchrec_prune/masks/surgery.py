@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from torchrec_prune.masks.embedding import MaskedEmbeddings
 from torchrec_prune.masks.linear import MaskedLinear
@@ -87,14 +88,16 @@ def embedding_weight_blocks(
 
     Blocks come from the collection's state dict, whose tensors are views of the live weights (for
     sharded tables and a ``FusedEmbeddingBagCollection``: of the fused kernel's weights). An unsharded
-    or data-parallel table gives its whole weight, with the ``Parameter`` an optimizer holds for it. A
-    DMP-sharded table gives one block per local shard of its ``ShardedTensor``, at the shard's column
-    offset, with ``parameter`` ``None`` (its optimizer is fused); a rank that holds no shard of a table
-    gets nothing for it.
+    or data-parallel table gives its whole weight, with the ``Parameter`` an optimizer holds for it (a
+    ``FusedEmbeddingBagCollection``'s table with ``None``: its kernel steps it). A DMP-sharded table
+    gives one block per local shard of its ``ShardedTensor``, at the shard's column offset, with
+    ``parameter`` ``None`` (its optimizer is fused); a rank that holds no shard of a table gets nothing
+    for it.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    params = dict(module.inner.named_parameters())
+    fused = isinstance(module.inner, FusedEmbeddingBagCollection)
+    params = {} if fused else dict(module.inner.named_parameters())
     state = module.inner.state_dict(keep_vars=True)
     for table in _tables(module):
         key = module.weight_key(table)

@@ -1,7 +1,8 @@
 """The training paradigms as jobs with a run folder: what ``torchrec-prune grow-prune`` and ``d2s`` run.
 
 Both run on every torchrun rank under DMP, or in one process as the single rank of a group of its own
-(``one_process_group``: the same DMP models and fused table optimizer), write a run folder, and
+(``one_process_group``) with fused tables (``replica_factory``: the same fused table optimizer and
+state keys), write a run folder, and
 checkpoint and resume through the same ``RunCheckpointer``:
 
 - grow/prune is ``torchrec_prune.train.job.run_job`` with the schedule as a hook; the schedule's state
@@ -25,7 +26,6 @@ from torchrec_prune.distributed.checkpoint import save_checkpoint
 from torchrec_prune.distributed.dmp import one_process_group
 from torchrec_prune.distributed.run_checkpoint import CheckpointInfo
 from torchrec_prune.metrics.writer import write_text_atomic
-from torchrec_prune.models import build_dlrm
 from torchrec_prune.numerics import enable_ftz_daz
 from torchrec_prune.schedules.d2s import D2SConfig, D2SController, D2SResult
 from torchrec_prune.schedules.grow_prune import GrowPruneConfig, GrowPruneSchedule
@@ -33,14 +33,13 @@ from torchrec_prune.schedules.report import d2s_rows, format_table, plot_relativ
 from torchrec_prune.train.job import (
     PreparedJob,
     job_device,
-    model_config_for,
+    replica_factory,
     run_job,
     save_run_checkpoint,
-    sharding_config,
     start_or_resume,
     summarize_line,
 )
-from torchrec_prune.train.replica import DMPReplicaFactory, Replica
+from torchrec_prune.train.replica import Replica
 from torchrec_prune.train.rng import rng_state, set_rng_state
 
 
@@ -124,11 +123,8 @@ def run_d2s_job(prepared: PreparedJob, config: D2SConfig) -> str:
 def _run_d2s(prepared: PreparedJob, config: D2SConfig, device: torch.device) -> str:
     job, stream = prepared.config, prepared.stream
     rank = dist.get_rank()
-    # every replica sharded with the dense model's plan, in one process as on every torchrun rank
-    model_config = model_config_for(stream, job.model)
-    factory = DMPReplicaFactory(
-        lambda: build_dlrm(model_config, device="meta"), device, sharding_config(job.train)
-    )
+    # every replica built alike: under torchrun sharded with the dense model's plan
+    factory = replica_factory(prepared, device)
     torch.manual_seed(job.seed)
     dense = factory.build()
     controller = D2SController(dense, stream, job.train, config, factory=factory, device=device)

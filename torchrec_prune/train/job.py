@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +41,6 @@ from torchrec_prune.distributed.dmp import (
     ShardingConfig,
     init_distributed,
     one_process_group,
-    shard,
     start_heartbeat,
 )
 from torchrec_prune.distributed.run_checkpoint import (
@@ -56,7 +56,12 @@ from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.numerics import count_denormals, enable_ftz_daz
 from torchrec_prune.plots import plot_window_metric
 from torchrec_prune.train.hooks import TrainHook
-from torchrec_prune.train.replica import Replica
+from torchrec_prune.train.replica import (
+    DMPReplicaFactory,
+    FusedReplicaFactory,
+    Replica,
+    ReplicaFactory,
+)
 from torchrec_prune.train.trainer import (
     IncrementalTrainer,
     NonFiniteError,
@@ -402,27 +407,30 @@ def job_device(timeout: float | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_replica(prepared: PreparedJob, device: torch.device | str) -> Replica:
-    """The job's wrapped DLRM sharded by DMP over the process group (torchrun's, or the one-rank group of
-    ``one_process_group``) and its dense optimizer; the tables train with the fused optimizer of
-    ``sharding_config``. Seeded by the job, so every start is the same.
+def replica_factory(prepared: PreparedJob, device: torch.device | str) -> ReplicaFactory:
+    """How the job builds its models: on a group of several ranks (torchrun's) DMP shards them
+    (``DMPReplicaFactory``); in one process (no group, or a group of one) the tables are held in
+    ``FusedEmbeddingBagCollection`` modules (``FusedReplicaFactory``): the same fused kernel and
+    optimizer without DMP's distribution around them. Either way the tables train with the fused
+    optimizer of ``sharding_config``, under the same state keys.
+    """
+    model_config = model_config_for(prepared.stream, prepared.config.model)
+    sharding, device = sharding_config(prepared.config.train), torch.device(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return DMPReplicaFactory(partial(build_dlrm, model_config, device="meta"), device, sharding)
+    return FusedReplicaFactory(partial(build_dlrm, model_config, device=device), sharding)
 
-    Raises:
-        RuntimeError: no process group is initialised.
+
+def build_replica(prepared: PreparedJob, device: torch.device | str) -> Replica:
+    """The job's wrapped DLRM and its dense optimizer (``replica_factory``: DMP-sharded over torchrun's
+    group, fused tables in one process), seeded by the job, so every start is the same.
 
     Example::
 
-        with one_process_group():
-            replica = build_replica(prepare_job(JobConfig(rows=10_000)), torch.device("cpu"))
+        replica = build_replica(prepare_job(JobConfig(rows=10_000)), torch.device("cpu"))
     """
-    config = prepared.config
-    model_config = model_config_for(prepared.stream, config.model)
-    torch.manual_seed(config.seed)
-    if not dist.is_initialized():
-        raise RuntimeError("build_replica needs a process group: build it inside one_process_group()")
-    meta = wrap(build_dlrm(model_config, device="meta"))
-    sharded = shard(meta, torch.device(device), sharding_config(config.train))
-    return Replica(sharded.model, [sharded.optimizer])
+    torch.manual_seed(prepared.config.seed)
+    return replica_factory(prepared, device).build()
 
 
 def run_job(
@@ -436,8 +444,9 @@ def run_job(
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank joins the process group, builds the model on ``meta``,
     wraps it and lets DMP shard it; rows are partitioned across ranks without overlap. In one process the
-    job runs as a single rank of a group of its own (``one_process_group``): the same DMP model, fused
-    table optimizer, masks and run checkpoints as under torchrun. ``hooks`` may be a function of the
+    job runs as the single rank of a group of its own (``one_process_group``) with its tables in
+    ``FusedEmbeddingBagCollection`` modules (``replica_factory``): the same fused table optimizer, masks and
+    run checkpoints as under torchrun. ``hooks`` may be a function of the
     built (sharded) model and its optimizers (a ``Replica``), for pruners and schedules that need them.
     ``extra``: more settings of the command (e.g. a schedule's), stored with the job's and checked the
     same way on resume. With a ``PreparedJob`` the checks already ran.

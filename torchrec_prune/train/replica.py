@@ -20,7 +20,8 @@ from torch import nn
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer
 
-from torchrec_prune.distributed.dmp import ShardingConfig, shard
+from torchrec_prune.distributed.dmp import ShardingConfig, dense_optimizer, shard
+from torchrec_prune.distributed.fused_tables import fuse_tables, table_optimizer
 from torchrec_prune.masks import wrap
 
 
@@ -28,9 +29,9 @@ from torchrec_prune.masks import wrap
 class Replica:
     """A model and its dense optimizers.
 
-    Under DMP the embedding tables train with the fused optimizer that lives on the model
-    (``model.fused_optimizer``); it is not listed in ``optimizers`` (the trainer never steps it) but is
-    part of the replica's state wherever the replica is saved or copied.
+    Under DMP, and in one process with fused tables, the embedding tables train with the fused
+    optimizer of the model (``table_optimizer(model)``); it is not listed in ``optimizers`` (the
+    trainer never steps it) but is part of the replica's state wherever the replica is saved or copied.
     """
 
     model: nn.Module
@@ -68,10 +69,9 @@ def copy_replica_(dst: Replica, src: Replica) -> None:
     dst.model.load_state_dict(src.model.state_dict())
     for mine, theirs in zip(dst.optimizers, src.optimizers, strict=True):
         _copy_optimizer_(mine, theirs)
-    fused_dst = getattr(dst.model, "fused_optimizer", None)
-    fused_src = getattr(src.model, "fused_optimizer", None)
+    fused_dst, fused_src = table_optimizer(dst.model), table_optimizer(src.model)
     if (fused_dst is None) != (fused_src is None):
-        raise ValueError("cannot copy between a DMP-sharded replica and an unsharded one")
+        raise ValueError("cannot copy between a replica with fused tables and one without")
     if fused_dst is not None:
         _copy_optimizer_(fused_dst, fused_src)
 
@@ -110,6 +110,34 @@ class LocalReplicaFactory:
     def build(self) -> Replica:
         model = copy.deepcopy(self.template)
         return Replica(model, self.optimizers(model))
+
+    def copy_(self, dst: Replica, src: Replica) -> None:
+        copy_replica_(dst, src)
+
+
+class FusedReplicaFactory:
+    """Replicas of one process: the model of ``model_fn``, wrapped, with its tables fused
+    (``fuse_tables``), and the dense optimizer of ``config``: the one-process counterpart of
+    ``DMPReplicaFactory``, with the same optimizers and state keys.
+
+    Args:
+        model_fn: builds the unwrapped model on this process's device.
+        config: optimizers (``fused_optimizer``, ``dense_optimizer``, learning rates).
+
+    Example::
+
+        factory = FusedReplicaFactory(lambda: build_dlrm(cfg), sharding_config(train))
+        dense = factory.build()
+        D2SController(dense, stream, train, D2SConfig(), factory=factory).run()
+    """
+
+    def __init__(self, model_fn: Callable[[], nn.Module], config: ShardingConfig) -> None:
+        self.model_fn = model_fn
+        self.config = config
+
+    def build(self) -> Replica:
+        model = fuse_tables(wrap(self.model_fn()), self.config)
+        return Replica(model, [dense_optimizer(model, self.config)])
 
     def copy_(self, dst: Replica, src: Replica) -> None:
         copy_replica_(dst, src)
