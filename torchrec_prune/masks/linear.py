@@ -169,21 +169,26 @@ class MaskedLinear(nn.Linear):
         # could be reused) and their ``_version``s; buffers are read from the dict, not through
         # ``__getattr__``, since this runs at every forward.
         buffers = self._buffers
-        masks = (buffers["weight_mask"], buffers["neuron_mask"], buffers["input_mask"])
-        versions = tuple(-1 if m is None else m._version for m in masks)
+        element, neuron, inputs = buffers["weight_mask"], buffers["neuron_mask"], buffers["input_mask"]
         cache = self._index_cache
         if (
-            cache is None
-            or cache[1] != versions
-            or any(a is not b for a, b in zip(cache[0], masks, strict=True))
+            cache is not None
+            and cache[0] is element
+            and cache[1] is neuron
+            and cache[2] is inputs
+            and cache[3] == (-1 if element is None else element._version)
+            and cache[4] == neuron._version
+            and cache[5] == inputs._version
         ):
-            element, neuron, inputs = masks
-            rows = neuron.nonzero().squeeze(1)
-            cols = inputs.nonzero().squeeze(1)
-            structured = rows.numel() < self.out_features or cols.numel() < self.in_features
-            elementwise = element is not None and not bool(element.all())
-            cache = self._index_cache = (masks, versions, structured, elementwise, rows, cols)
-        return cache[2:]
+            return cache[6]
+        rows = neuron.nonzero().squeeze(1)
+        cols = inputs.nonzero().squeeze(1)
+        structured = rows.numel() < self.out_features or cols.numel() < self.in_features
+        elementwise = element is not None and not bool(element.all())
+        version = -1 if element is None else element._version
+        found = (structured, elementwise, rows, cols)
+        self._index_cache = (element, neuron, inputs, version, neuron._version, inputs._version, found)
+        return found
 
     def is_structured(self) -> bool:
         """Whether any neuron or input is masked, so that the compacted forward applies."""
@@ -203,18 +208,21 @@ class MaskedLinear(nn.Linear):
                 return out
             return out.new_zeros(*out.shape[:-1], self.out_features).index_copy(-1, compact.rows, out)
         structured, elementwise, rows, cols = self._structure()
-        weight = self.weight
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        capture = self.capture_effective_grad
+        if not (structured or elementwise or capture):  # every mask open: a plain Linear
+            return F.linear(input, weight, bias)
         element = self._buffers["weight_mask"]
-        if element is not None and (elementwise or self.capture_effective_grad):
+        if element is not None and (elementwise or capture):
             weight = weight * element
-        elif self.capture_effective_grad:
+        elif capture:
             weight = weight.view_as(weight)  # a non-leaf to hook: the effective weight is the weight
-        if self.capture_effective_grad and weight.requires_grad:
+        if capture and weight.requires_grad:
             weight.register_hook(self._store_effective_grad)
         if not structured:
-            return F.linear(input, weight, self.bias)
+            return F.linear(input, weight, bias)
         w = weight.index_select(0, rows).index_select(1, cols)
-        b = None if self.bias is None else self.bias.index_select(0, rows)
+        b = None if bias is None else bias.index_select(0, rows)
         out_small = F.linear(input.index_select(-1, cols), w, b)
         out = out_small.new_zeros(*input.shape[:-1], self.out_features)
         return out.index_copy(-1, rows, out_small)
