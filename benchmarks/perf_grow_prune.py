@@ -5,14 +5,16 @@ reference DLRM over the same stream (a ``BatchStream`` over batches made before 
 arm in the timed pass), one whole pass per round,
 interleaved round by round (A B C D, A B C D, ...):
 - ``plain_dense``: plain TorchRec, tables in a ``FusedEmbeddingBagCollection`` (exact Adagrad in the
-  backward), torch's fused Adagrad for the MLPs (as the jobs' DMP replicas), a bare loop;
-- ``dense``: this library's job replica (one DMP rank, fused tables, wrapped layers) and trainer with
+  backward), torch's fused Adagrad for the MLPs (as the jobs' replicas), a bare loop;
+- ``dense``: this library's one-process job replica (tables in a ``FusedEmbeddingBagCollection``,
+  wrapped layers) and trainer with
   ``PhasePlan.dense()`` (look-ahead windows, FLOPs, the schedule hook);
 - ``alternate``: the same with alternate grow/prune (dense-sparse-dense-sparse-dense, 20% each) at
   ``beta``, sparse phases compacted (the default);
 - ``alternate_masked``: the same with ``compact=False`` (the masked gather/scatter forward).
 Times are the wall and CPU seconds of the whole pass (phase transitions included). A ratio is the
-median over rounds of the per-round ratio, with min-max.
+median over rounds of the per-round ratio, with min-max, and the ratio of total times with its 95%
+interval from resampling the rounds in pairs (``perf_common.ratio``).
 
 Writes docs/results/perf_grow_prune.json (``perf_grow_prune_b<batch>.json`` for another batch size).
 
@@ -22,12 +24,11 @@ Writes docs/results/perf_grow_prune.json (``perf_grow_prune_b<batch>.json`` for 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from perf_common import job_replica, reference_batches, reference_config, write_results
+from perf_common import Timing, job_replica, ratio, reference_batches, reference_config, write_results
 from perf_trainer import LR, fused_dlrm
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
@@ -99,10 +100,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 cpu[arm].append(time.thread_time() - started_cpu)
         print(f"round {r}: " + ", ".join(f"{a} {wall[a][-1]:.2f}s" for a in ARMS if r), flush=True)
 
-    def ratio(times: dict[str, list[float]], arm: str, base: str) -> dict[str, float]:
-        per_round = [a / b for a, b in zip(times[arm], times[base], strict=True)]
-        return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
-
+    timings = {arm: Timing(cpu=cpu[arm], wall=wall[arm]) for arm in ARMS}
     pairs = [(a, "plain_dense") for a in ARMS[1:]]
     pairs += [("alternate", "dense"), ("alternate", "alternate_masked")]
     return {
@@ -110,8 +108,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "rows": stream.num_rows,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
-        "ratios_wall": {f"{a}_over_{b}": ratio(wall, a, b) for a, b in pairs},
-        "ratios_cpu": {f"{a}_over_{b}": ratio(cpu, a, b) for a, b in pairs},
+        "ratios_wall": {f"{a}_over_{b}": ratio(timings, a, b, "wall") for a, b in pairs},
+        "ratios_cpu": {f"{a}_over_{b}": ratio(timings, a, b) for a, b in pairs},
     }
 
 
@@ -127,7 +125,10 @@ def main() -> None:
         results = measure(args)
     for kind in ("wall", "cpu"):
         for name, r in results[f"ratios_{kind}"].items():  # type: ignore[union-attr]
-            print(f"{kind} {name}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
+            print(
+                f"{kind} {name}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}); "
+                f"total {r['total']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f})"
+            )
     name = "perf_grow_prune" if args.batch_size == 128 else f"perf_grow_prune_b{args.batch_size}"
     print(f"wrote {write_results(name, results)}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import itertools
+import os
 import pstats
 import statistics
 from collections.abc import Callable
@@ -171,7 +172,7 @@ def measure(args: argparse.Namespace) -> None:
         arms[args.profile_python]()
         profiler = cProfile.Profile()
         profiler.runcall(lambda: [arms[args.profile_python]() for _ in range(2)])
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(int(os.environ.get("PERF_TOP", "30")))
         return
     timings = interleave(arms, args.rounds)
     samples = args.batch_size * args.steps
