@@ -1,6 +1,7 @@
 """One process holds its tables in ``FusedEmbeddingBagCollection`` modules: the same state, keys and
 surgery as a one-rank DMP replica, and checkpoints that move between the two."""
 
+import pytest
 import torch
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
@@ -12,7 +13,7 @@ from torchrec_prune.distributed.run_checkpoint import RunCheckpointer
 from torchrec_prune.masks.surgery import embedding_weight_blocks, set_masks_
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train.job import sharding_config
-from torchrec_prune.train.replica import DMPReplicaFactory, FusedReplicaFactory, Replica
+from torchrec_prune.train.replica import DMPReplicaFactory, FusedReplicaFactory, LocalReplicaFactory, Replica
 from torchrec_prune.train.trainer import TrainConfig, default_forward
 
 TINY = DLRMConfig(num_embeddings=500, dense_arch=[32, 16, 4], over_arch=[32, 1])
@@ -115,3 +116,11 @@ def test_copies_of_fused_replicas_share_no_state():
     assert not all(torch.equal(_fused_state(copy)[k], v) for k, v in _fused_state(source).items())
     key = f"{EBC}.ebc.embedding_bags.t_cat_0.weight"
     assert not torch.equal(copy.model.state_dict()[key], source.model.state_dict()[key])
+
+
+def test_deep_copies_of_fused_tables_are_refused_with_the_factory_to_use():
+    """A deep copy's table ``Parameter``s no longer view its kernel's weights, so its training would be
+    lost from its state dict."""
+    model = fuse_tables(tp.wrap(build_dlrm(TINY)), SHARDING)
+    with pytest.raises(ValueError, match="FusedReplicaFactory"):
+        LocalReplicaFactory(model, lambda m: [])

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_prune.distributed.dmp import ShardingConfig, dense_optimizer, shard
@@ -88,7 +89,8 @@ def _copy_optimizer_(dst: torch.optim.Optimizer, src: torch.optim.Optimizer) -> 
 
 
 class LocalReplicaFactory:
-    """Replicas of a model in one process: deep copies of a template, optimizers from a function.
+    """Replicas of a model in one process: deep copies of a template, optimizers from a function (for
+    models without a ``FusedEmbeddingBagCollection``, which a deep copy breaks: ``FusedReplicaFactory``).
 
     Args:
         template: a model of the structure (deep-copied now; its later training does not matter).
@@ -104,6 +106,12 @@ class LocalReplicaFactory:
     def __init__(
         self, template: nn.Module, optimizers: Callable[[nn.Module], list[torch.optim.Optimizer]]
     ) -> None:
+        if any(isinstance(m, FusedEmbeddingBagCollection) for m in template.modules()):
+            # a deep copy's table Parameters no longer view its kernel's weights: its training is lost
+            raise ValueError(
+                "LocalReplicaFactory cannot deep-copy a model with a FusedEmbeddingBagCollection: "
+                "build its replicas with FusedReplicaFactory(model_fn, config)"
+            )
         self.template = copy.deepcopy(template)
         self.optimizers = optimizers
 
