@@ -99,15 +99,14 @@ def ratio(timings: dict[str, Timing], arm: str, base: str, kind: str = "cpu") ->
 
 
 def machine() -> dict[str, object]:
-    """Where and when a measurement ran (the machine is shared: other processes ran beside it)."""
+    """Where and when a measurement ran, and the load on the machine's cores when it ended."""
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "load_average": os.getloadavg()[0],
-        "shared": "yes: other processes (tests, builds) ran on the same 2 cores",
+        "load_average": os.getloadavg()[0],  # every process on the cores, this one included
     }
 
 
