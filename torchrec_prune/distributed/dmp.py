@@ -192,8 +192,9 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
 def one_process_group() -> Iterator[None]:
     """A process group of this process alone while the block runs, unless one exists already.
 
-    The one-process commands train exactly like one torchrun rank (DMP, fused table optimizer), which
-    needs a group; an in-memory store makes it without a port or a launcher. The group is destroyed
+    The one-process commands run their trainer, windows and hooks against a group, as on torchrun
+    (their tables are fused without DMP: ``replica_factory``); an in-memory store makes it without a
+    port or a launcher. The group is destroyed
     when the block ends; one that existed before (torchrun's) is left alone.
 
     Example::

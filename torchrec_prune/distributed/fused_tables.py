@@ -8,8 +8,9 @@ DLRM, 12% of a whole step. A one-process job therefore swaps each ``EmbeddingBag
 (``ShardingConfig.fused_optimizer``: same kernel, same defaults), and trains the rest with the dense
 optimizer ``shard`` would build.
 
-``table_optimizer`` exposes the kernels' state under DMP's keys (``<collection>.embedding_bags.<table>
-.weight`` -> ``<table>.momentum1``), and a ``FusedEmbeddingBagCollection``'s state dict has an
+``table_optimizer`` exposes the kernels' state under DMP's keys (parameter
+``<collection>.embedding_bags.<table>.weight``, state ``<table>.momentum1``), and a
+``FusedEmbeddingBagCollection``'s state dict has an
 ``EmbeddingBagCollection``'s keys: run checkpoints, replica copies and mask surgery read and write the
 same state in one process as on every torchrun rank, and a one-process run checkpoint of either kind
 resumes in the other.
