@@ -30,7 +30,9 @@ def run(nproc: int, rows: int, batch_size: int, run_dir: Path, threads: int) -> 
         "--nproc", str(nproc), "--run-dir", str(run_dir), "--no-checkpoint", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}; its last output:\n{done.stderr[-4000:]}")
     return json.loads((run_dir / "summary.json").read_text())
 
 
