@@ -71,11 +71,13 @@ def ranks(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     "kwargs",
     [{"fused_optimizer": "momentum"}, {"dense_optimizer": "lbfgs"}, {"lr": 0.0}, {"dense_lr": -1.0},
-     {"batch_size": 0}, {"storage_reservation": 1.0}],
+     {"batch_size": 0}, {"storage_reservation": 1.0}, {"momentum": 1.0}],
 )  # fmt: skip
 def test_sharding_config_rejects_bad_values_naming_the_field(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=f"ShardingConfig.{next(iter(kwargs))} must"):
         ShardingConfig(**kwargs)
+    with pytest.raises(ValueError, match="ShardingConfig.momentum applies to dense_optimizer 'sgd' only"):
+        ShardingConfig(dense_optimizer="adagrad", momentum=0.9)
 
 
 @pytest.mark.parametrize("compute_device", ["cpu", "cuda"])  # planning needs no GPU

@@ -10,11 +10,18 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 import torchrec_prune as tp
 from torchrec_prune.data import SyntheticStream, iter_increments
-from torchrec_prune.distributed.dmp import one_process_group
+from torchrec_prune.distributed.dmp import one_process_group, shard
 from torchrec_prune.metrics.functional import bce_sum
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train.hooks import BaseHook, StepContext
-from torchrec_prune.train.job import JobConfig, PreparedJob, build_replica, make_stream, run_job
+from torchrec_prune.train.job import (
+    JobConfig,
+    PreparedJob,
+    build_replica,
+    make_stream,
+    run_job,
+    sharding_config,
+)
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig, default_forward
 
 TINY = DLRMConfig(num_embeddings=500, dense_arch=[32, 16, 4], over_arch=[32, 1])
@@ -159,6 +166,18 @@ def test_two_torchrun_ranks_match_one_process_and_agree_on_masks(tmp_path: Path)
 def _local(value: torch.Tensor) -> torch.Tensor:
     """A state-dict entry of a one-rank DMP model as a plain tensor (a table is one whole shard)."""
     return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+
+
+def test_momentum_reaches_the_dense_optimizer_of_the_jobs_replicas():
+    """``--momentum`` moves the dense layers of a job (the fused exact SGD of the tables has none), in one
+    process and in a DMP replica alike."""
+    train = TrainConfig(batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, progress=False)
+    job = JobConfig(rows=640, model=TINY, train=train, checkpoint=False)
+    with one_process_group():
+        fused = build_replica(PreparedJob(job, make_stream(job), {}, None), "cpu")
+        sharded = shard(tp.wrap(build_dlrm(TINY, device="meta")), torch.device("cpu"), sharding_config(train))
+        for optimizer in (*fused.optimizers, sharded.optimizer):
+            assert {group["momentum"] for group in optimizer.param_groups} == {0.9}
 
 
 def test_one_process_jobs_train_tables_like_elementwise_adagrad():

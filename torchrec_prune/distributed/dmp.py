@@ -71,6 +71,7 @@ class ShardingConfig:
         dense_optimizer: ``torch.optim`` optimizer for the dense parameters, one of ``DENSE_OPTIMIZERS``.
         lr: learning rate of the embedding tables (> 0).
         dense_lr: learning rate of the dense parameters (> 0); ``None`` uses ``lr``.
+        momentum: momentum of the dense ``"sgd"`` optimizer, in [0, 1) (the fused exact SGD has none).
         batch_size: per-rank batch size the planner assumes when it estimates costs (>= 1).
         storage_reservation: fraction of each device's memory the planner keeps for dense tensors and
             activations, in [0, 1). A fixed fraction (rather than TorchRec's estimate from the dense
@@ -82,6 +83,7 @@ class ShardingConfig:
     dense_optimizer: str = "adagrad"
     lr: float = 0.01
     dense_lr: float | None = None
+    momentum: float = 0.0
     batch_size: int = 512
     storage_reservation: float = 0.15
     constraints: Mapping[str, ParameterConstraints] = field(default_factory=dict)
@@ -101,6 +103,12 @@ class ShardingConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"ShardingConfig.{name} must be > 0, got {value!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"ShardingConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.dense_optimizer != "sgd":
+            raise ValueError(
+                f"ShardingConfig.momentum applies to dense_optimizer 'sgd' only, not {self.dense_optimizer!r}"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"ShardingConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not 0 <= self.storage_reservation < 1:
@@ -405,8 +413,10 @@ def dense_optimizer(model: nn.Module, config: ShardingConfig) -> KeyedOptimizerW
     }
     dense = {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if id(p) not in fused}
     optimizer_cls = DENSE_OPTIMIZERS[config.dense_optimizer]
-    lr = config.lr if config.dense_lr is None else config.dense_lr
-    return KeyedOptimizerWrapper(dense, lambda params: optimizer_cls(params, lr=lr, fused=True))
+    kwargs = {"lr": config.lr if config.dense_lr is None else config.dense_lr, "fused": True}
+    if config.momentum:
+        kwargs["momentum"] = config.momentum
+    return KeyedOptimizerWrapper(dense, lambda params: optimizer_cls(params, **kwargs))
 
 
 def rebuild_data_parallel(model: nn.Module) -> None:

@@ -164,11 +164,13 @@ def model_config_for(stream: Stream, model: DLRMConfig) -> DLRMConfig:
 
 def sharding_config(train: TrainConfig) -> ShardingConfig:
     """Fused table optimizer matching the dense one: per-element exact Adagrad (the update and state of
-    ``torch.optim.Adagrad``; fbgemm's eps is 1e-8 where torch's is 1e-10) or exact SGD."""
+    ``torch.optim.Adagrad``; fbgemm's eps is 1e-8 where torch's is 1e-10) or exact SGD, whose kernel has
+    no momentum (``train.momentum`` moves the dense layers)."""
     return ShardingConfig(
         fused_optimizer=train.optimizer,
         dense_optimizer=train.optimizer,
         lr=train.lr,
+        momentum=train.momentum,
         batch_size=train.batch_size,
     )
 
