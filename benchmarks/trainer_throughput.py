@@ -10,6 +10,7 @@ docs/results/throughput.md and .json.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -36,6 +37,10 @@ def run(nproc: int, rows: int, batch_size: int, run_dir: Path, threads: int) -> 
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=40_000)
@@ -49,6 +54,7 @@ def main() -> None:
         ("2 ranks (torchrun + DMP, gloo), 1 thread each", 2, args.global_batch // 2, 1),
     ]
     results = []
+    started = _now()
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for label, nproc, batch, threads in setups:
@@ -77,14 +83,17 @@ def main() -> None:
                 statistics.median(ces),
             )
         )
+    ended = _now()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "throughput.json").write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+    payload = {"args": vars(args), "started": started, "ended": ended, "runs": results}
+    (OUT / "throughput.json").write_text(json.dumps(payload, indent=2))
     lines = [
         "# Trainer throughput: one process vs two torchrun ranks",
         "",
         f"Synthetic stream, {args.rows} rows, global batch {args.global_batch}, reference DLRM (emb dim 4, "
         f"bottom 256-128-64-4, top 256-128-1, 10k-row tables), Adagrad; {args.repeats} repeats, run side by "
-        f"side by `benchmarks/trainer_throughput.py` on {platform.machine()} with {cores} cores.",
+        f"side by `benchmarks/trainer_throughput.py` on {platform.machine()} with {cores} cores, "
+        f"{started} to {ended}.",
         "",
         "| setup | samples/s (median) | min | max | vs 1 process, 1 thread | last-quarter CE |",
         "|---|---|---|---|---|---|",
