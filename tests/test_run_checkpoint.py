@@ -16,6 +16,7 @@ from torchrec_prune.cli import main
 from torchrec_prune.data.synthetic import SyntheticStream
 from torchrec_prune.distributed.checkpoint import CheckpointMismatchError
 from torchrec_prune.distributed.dmp import one_process_group, shard
+from torchrec_prune.distributed.fused_tables import table_optimizer
 from torchrec_prune.distributed.run_checkpoint import CheckpointWorldSizeError, RunCheckpointer
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.schedules.grow_prune import GrowPruneConfig
@@ -232,14 +233,18 @@ def test_a_checkpoint_of_an_older_one_process_run_loads_into_fused_tables(tmp_pa
 
 
 def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, tmp_path):
+    """``prune`` trains fused tables like the run did: weights, the dense optimizer's state and the
+    tables' fused state all come from the run checkpoint, as a DMP replica of the run reads them."""
     from torchrec_prune.pruners.run import PruneConfig, PruneJobConfig, prepare_prune_job
 
     job = _job(tmp_path / "prune")
     config = PruneJobConfig(str(reference), job, PruneConfig("mp", sparsity=0.5, prune_rows=1000), 0)
     prepared = prepare_prune_job(config)  # a run folder: its newest complete run checkpoint
     info = RunCheckpointer(reference / "checkpoints").latest()
-    mine = dict(prepared.model.named_parameters())
-    with one_process_group():  # the run's own model: DMP on one rank, tables under fused Adagrad
+    mine = prepared.model.state_dict()
+    my_fused = table_optimizer(prepared.model).state_dict()["state"]
+    my_dense = prepared.optimizer
+    with one_process_group():  # the run's model as a one-rank DMP replica reads it
         sharded = shard(
             tp.wrap(build_dlrm(TINY, device="meta")), torch.device("cpu"), sharding_config(job.train)
         )
@@ -248,18 +253,18 @@ def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, 
         )
         fused = sharded.model.fused_optimizer.state_dict()["state"]
         for name, value in sharded.model.state_dict().items():
-            if name not in mine:
-                continue
-            sum_ = prepared.optimizer.state[mine[name]]["sum"]
-            if hasattr(value, "local_shards"):  # a table (one shard: the whole table on one rank)
-                table = name.rsplit(".", 2)[-2]
-                value = value.local_shards()[0].tensor
-                saved_sum = fused[name][f"{table}.momentum1"].local_shards()[0].tensor
-            else:
-                saved_sum = sharded.optimizer.state[dict(sharded.optimizer.params)[name]]["sum"]
-            assert torch.equal(mine[name], value)
-            assert torch.equal(sum_, saved_sum)
-    assert any(bool((prepared.optimizer.state[p]["sum"] > 0).any()) for p in mine.values())
+            local = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+            assert torch.equal(mine[name], local), name
+        assert my_fused.keys() == fused.keys()
+        for key, entries in fused.items():
+            for state, value in entries.items():
+                assert torch.equal(my_fused[key][state], value.local_shards()[0].tensor), key
+        for name, param in sharded.optimizer.params.items():
+            assert torch.equal(
+                my_dense.state[my_dense.params[name]]["sum"], sharded.optimizer.state[param]["sum"]
+            )
+    assert any(bool((entries[s] > 0).any()) for entries in my_fused.values() for s in entries)
+    assert any(bool((state["sum"] > 0).any()) for state in my_dense.state.values())
     with pytest.raises(ValueError, match="--optimizer is 'sgd' but the run checkpoint"):
         sgd = JobConfig(**{**job.__dict__, "train": TrainConfig(optimizer="sgd", progress=False)})
         prepare_prune_job(PruneJobConfig(str(info.path), sgd, config.prune, 0))

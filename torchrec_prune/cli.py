@@ -555,6 +555,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dist.is_initialized():
             raise
         _fail(parser, _stopped_ranks_line(e))
+    finally:
+        _close_log_files()
+
+
+def _close_log_files() -> None:
+    """Detach and close the run folder's log files: a later command in this process (``main`` called
+    again, as tests and notebooks do) must not write its lines, its checks' included, into this run."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:

@@ -386,7 +386,8 @@ def load_into_one_process(info: CheckpointInfo, name: str, replica: Replica) -> 
 
     Model tensors reshard by global key. Optimizer state comes from the dense optimizer's entries or, for
     tables trained by DMP's fused Adagrad, from its per-element accumulator (``momentum1``), which is
-    the ``sum`` of ``torch.optim.Adagrad``.
+    the ``sum`` of ``torch.optim.Adagrad``; a model with fused tables (``table_optimizer``) reads its
+    kernels' state the same way, from the fused state or a plain run's ``sum``.
 
     Returns:
         ``<param FQN>/<state key>`` of the optimizer state the checkpoint lacks (left as initialised).
@@ -416,7 +417,16 @@ def load_into_one_process(info: CheckpointInfo, name: str, replica: Replica) -> 
                     missing.append(f"{fqn}/{key}")
                 else:
                     state[found] = value
+    fused = table_optimizer(replica.model)
+    fused_state = {} if fused is None else fused.state_dict()["state"]
+    for key, tensor in _fused_sources(metadata, name, fused_state).items():
+        if key in saved:
+            state[key] = tensor
+        else:
+            missing.append(key)
     with _single_process_is_intended():
         reading(info.path, lambda: dcp.load(state, checkpoint_id=info.path))
     replica.model.load_state_dict(state[f"{name}.model"])
+    if fused is not None:  # DCP filled the kernels' state in place; loading it back is TorchRec's way
+        fused.load_state_dict({**fused.state_dict(), "state": fused_state})
     return missing

@@ -36,6 +36,8 @@ from torchrec_prune.distributed.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
+from torchrec_prune.distributed.dmp import dense_optimizer
+from torchrec_prune.distributed.fused_tables import fuse_tables
 from torchrec_prune.distributed.run_checkpoint import (
     CheckpointInfo,
     find_run_checkpoint,
@@ -57,7 +59,7 @@ from torchrec_prune.pruners.schedules import check_steps
 from torchrec_prune.pruners.structured import NeuronPruner, StructuredConfig, check_beta
 from torchrec_prune.pruners.targets import Targets
 from torchrec_prune.train.flops import FlopsTotals
-from torchrec_prune.train.job import RUN_MARKERS, JobConfig, make_stream, model_config_for
+from torchrec_prune.train.job import RUN_MARKERS, JobConfig, make_stream, model_config_for, sharding_config
 from torchrec_prune.train.replica import Replica
 from torchrec_prune.train.trainer import (
     IncrementalTrainer,
@@ -441,8 +443,9 @@ class PruneJobConfig:
 class PreparedPruneJob:
     """A prune job whose stream is open and whose model holds the checkpoint: nothing has trained yet.
 
-    ``optimizer`` holds the trained optimizer state when the checkpoint is a run checkpoint (``None``: a
-    weights-only checkpoint, the job starts a fresh optimizer).
+    The model's tables are fused (``fuse_tables``: their optimizer runs in the backward) and
+    ``optimizer`` trains the rest. Both hold the trained optimizer state when the checkpoint is a run
+    checkpoint and start fresh from a weights-only one (``None``: ``prune_and_train`` builds one).
     """
 
     config: PruneJobConfig
@@ -483,11 +486,13 @@ def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
             f"start_row + prune_rows = {prune_stop} exceeds the {stream.num_rows} rows of the stream"
         )
     torch.manual_seed(config.job.seed)
-    model = wrap(build_dlrm(model_config_for(stream, config.job.model)))
+    # the tables fused as in the one-process jobs (``FusedReplicaFactory``), with the same optimizers
+    sharding = sharding_config(config.job.train)
+    model = fuse_tables(wrap(build_dlrm(model_config_for(stream, config.job.model))), sharding)
     try:
         if run_checkpoint is None:
             load_checkpoint(model, config.checkpoint)
-            return PreparedPruneJob(config, stream, model)
+            return PreparedPruneJob(config, stream, model, dense_optimizer(model, sharding))
         return _from_run_checkpoint(config, stream, model, run_checkpoint)
     except CheckpointMismatchError as e:
         raise ValueError(e.one_line()) from e
@@ -505,7 +510,7 @@ def _from_run_checkpoint(
             f"trained with {saved!r}: its optimizer state would not apply"
         )
     name = "model" if "model" in info.manifest.get("replicas", []) else "dense"
-    optimizer = make_optimizer(model.parameters(), config.job.train)
+    optimizer = dense_optimizer(model, sharding_config(config.job.train))
     missing = load_into_one_process(info, name, Replica(model, [optimizer]))
     if missing:
         logger.info("optimizer state not in %s, left fresh: %s", info.path, ", ".join(missing))
