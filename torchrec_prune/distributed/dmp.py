@@ -13,6 +13,7 @@ change, as far as the fused kernel allows (see ``set_embedding_masks_``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -229,19 +230,30 @@ def start_heartbeat(interval: float = 1.0) -> None:
 
     A rank that is stopped (SIGSTOP, a hung kernel) or lost stops counting while its peers wait for it in
     a collective; ``silent_ranks`` then tells the rank whose collective timed out which ranks to name.
+    The thread is stopped and joined at exit: a daemon thread still inside the store's C++ call when the
+    interpreter finalizes is ended by ``pthread_exit``, whose unwinding through C++ frames aborts the
+    rank ("terminate called without an active exception") after its work is done.
     """
     store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
     store.set(f"{_HEARTBEAT}pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
+    stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 store.add(f"{_HEARTBEAT}{rank}", 1)
             except RuntimeError:  # the store went away with the job: nothing left to report to
                 return
-            time.sleep(interval)
+            stop.wait(interval)
 
-    threading.Thread(target=beat, name="torchrec_prune-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="torchrec_prune-heartbeat", daemon=True)
+    thread.start()
+    atexit.register(_stop_heartbeat, stop, thread)
+
+
+def _stop_heartbeat(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(timeout=10.0)  # one store call at most; a store that hangs longer is left to exit
 
 
 def silent_ranks(wait: float = 3.0) -> list[int]:
