@@ -29,8 +29,7 @@ from collections.abc import Callable
 
 import torch
 from perf_common import Timing, job_replica, ratio, reference_batches, reference_config, write_results
-from perf_trainer import LR, fused_dlrm
-from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from perf_trainer import LR, dense_adagrad, fused_dlrm
 
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import one_process_group
@@ -44,11 +43,7 @@ def plain_pass(stream: BatchStream, batch_size: int) -> Callable[[], None]:
     """A fresh plain TorchRec model; the returned call trains it over the stream once."""
     torch.manual_seed(0)
     model = fused_dlrm(reference_config())
-    fused = {
-        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
-    }
-    dense = [p for p in model.parameters() if id(p) not in fused]
-    optimizer = torch.optim.Adagrad(dense, lr=LR, fused=True)  # the fastest dense Adagrad, as the jobs use
+    optimizer = dense_adagrad(model)  # the fastest dense Adagrad, as the jobs use
 
     def run() -> None:
         for batch in stream.batches(batch_size):  # read as the trainer reads it

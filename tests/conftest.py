@@ -46,6 +46,12 @@ def run_torchrun(script: Path, args: list[str], *, nproc: int = 2, timeout: int 
 torch.set_num_threads(1)
 
 
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A state-dict entry as a plain tensor: a one-rank DMP model's ``ShardedTensor`` holds its whole
+    table as one local shard; any other tensor is itself."""
+    return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+
+
 def wrapped_mlp(sizes: list[int]) -> torch.nn.Sequential:
     """A wrapped plain MLP (Linear/ReLU stack) for pruner tests that need no TorchRec model."""
     import torchrec_prune as tp

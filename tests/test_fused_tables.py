@@ -3,6 +3,7 @@ surgery as a one-rank DMP replica, and checkpoints that move between the two."""
 
 import pytest
 import torch
+from conftest import local_tensor
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 import torchrec_prune as tp
@@ -30,13 +31,9 @@ def _train(replica: Replica, rows: int = 256, seed: int = 0) -> None:
             optimizer.step()
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
-    return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-
-
 def _fused_state(replica: Replica) -> dict[str, torch.Tensor]:
     state = table_optimizer(replica.model).state_dict()["state"]
-    return {f"{key}/{name}": _local(v) for key, entries in state.items() for name, v in entries.items()}
+    return {f"{key}/{name}": local_tensor(v) for key, entries in state.items() for name, v in entries.items()}
 
 
 def test_fuse_tables_keeps_weights_outputs_and_state_dict_keys():
@@ -71,7 +68,7 @@ def test_fused_tables_expose_dmp_state_keys_and_checkpoints_move_both_ways(tmp_p
             checkpointer.save(256, {"model": trained}, {}, {})
             checkpointer.load_replicas(checkpointer.latest(), {"model": fresh})
             for key, value in trained.model.state_dict().items():
-                assert torch.equal(_local(fresh.model.state_dict()[key]), _local(value)), key
+                assert torch.equal(local_tensor(fresh.model.state_dict()[key]), local_tensor(value)), key
             loaded = _fused_state(fresh)
             assert all(torch.equal(loaded[k], v) for k, v in _fused_state(trained).items())
             (mine,), (theirs,) = fresh.optimizers, trained.optimizers
@@ -82,7 +79,7 @@ def test_fused_tables_expose_dmp_state_keys_and_checkpoints_move_both_ways(tmp_p
             _train(trained, seed=2)
             _train(fresh, seed=2)
             for key, value in trained.model.state_dict().items():
-                torch.testing.assert_close(_local(fresh.model.state_dict()[key]), _local(value))
+                torch.testing.assert_close(local_tensor(fresh.model.state_dict()[key]), local_tensor(value))
 
 
 def test_closing_a_table_column_zeroes_the_kernel_weights_and_state():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_same_run, final_model
+from conftest import REPO, assert_same_run, final_model, local_tensor
 
 import torchrec_prune as tp
 from torchrec_prune.cli import main
@@ -253,8 +253,7 @@ def test_prune_starts_from_a_run_checkpoint_with_its_optimizer_state(reference, 
         )
         fused = sharded.model.fused_optimizer.state_dict()["state"]
         for name, value in sharded.model.state_dict().items():
-            local = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-            assert torch.equal(mine[name], local), name
+            assert torch.equal(mine[name], local_tensor(value)), name
         assert my_fused.keys() == fused.keys()
         for key, entries in fused.items():
             for state, value in entries.items():

@@ -163,11 +163,6 @@ def test_two_torchrun_ranks_match_one_process_and_agree_on_masks(tmp_path: Path)
         assert a == pytest.approx(b, rel=0.05)
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
-    """A state-dict entry of a one-rank DMP model as a plain tensor (a table is one whole shard)."""
-    return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
-
-
 def test_momentum_reaches_the_dense_optimizer_of_the_jobs_replicas():
     """``--momentum`` moves the dense layers of a job (the fused exact SGD of the tables has none), in one
     process and in a DMP replica alike."""
@@ -196,7 +191,7 @@ def test_one_process_jobs_train_tables_like_elementwise_adagrad():
         )
         with torch.no_grad():
             for name, value in replica.model.state_dict().items():
-                _local(value).copy_(initial[name])
+                value.copy_(initial[name])
         (dense,) = replica.optimizers
         for group in dense.param_groups:
             group["eps"] = 1e-8
@@ -205,7 +200,7 @@ def test_one_process_jobs_train_tables_like_elementwise_adagrad():
                 opt.zero_grad()
                 default_forward(model, batch)[0].backward()
                 opt.step()
-        trained = {name: _local(value) for name, value in replica.model.state_dict().items()}
+        trained = replica.model.state_dict()
     table = "model.sparse_arch.embedding_bag_collection.ebc.embedding_bags.t_cat_0.weight"
     assert not torch.equal(trained[table], initial[table])
     for name, expected in plain.state_dict().items():
