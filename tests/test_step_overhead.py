@@ -17,6 +17,7 @@ from torchrec_prune.masks.surgery import set_masks_
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train import flops as flops_mod
 from torchrec_prune.train.flops import FlopsMeter, fc_flops, integrate_phases
+from torchrec_prune.train.hooks import StepContext, TrainHook
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
 
 TINY = DLRMConfig(num_embeddings=200, dense_arch=[16, 8, 4], over_arch=[16, 1])
@@ -201,6 +202,40 @@ def test_trainer_sees_a_mask_written_between_steps():
     assert [s.samples for s in trainer.flops.segments] == [32, 64]
     assert [s.report.layers[-2].active_out for s in trainer.flops.segments] == [16, 15]
     assert trainer.result.flops == trainer.flops.totals
+
+
+class _PruneAfterStep(TrainHook):
+    """Closes a neuron after the optimizer of the first step, as a pruner's ``after_step`` does."""
+
+    def __init__(self, layer: MaskedLinear) -> None:
+        self.layer = layer
+
+    def after_step(self, ctx: StepContext) -> None:
+        if ctx.step == 0:
+            self.layer.neuron_mask[1] = False
+
+
+def test_trainer_counts_a_step_at_the_masks_its_forward_used_and_reads_them_only_after_a_change(
+    monkeypatch,
+):
+    torch.manual_seed(0)
+    model = tp.wrap(build_dlrm(TINY))
+    layer = model.model.over_arch.model[0]._mlp[0]._linear
+    trainer = IncrementalTrainer(
+        model, TrainConfig(batch_size=32, window=64, progress=False), hooks=[_PruneAfterStep(layer)]
+    )
+    checks: list[int] = []  # the meter's check of every FC layer's parameters and masks
+    real = FlopsMeter._current
+    monkeypatch.setattr(
+        FlopsMeter, "_current", lambda meter, m: checks.append(meter.totals.samples) or real(meter, m)
+    )
+    for batch in SyntheticStream(128, num_embeddings=200, seed=0).batches(32):
+        trainer.step(batch)
+    # Step 0 ran dense; its hook closed a neuron, which step 1's forward used first.
+    assert [s.samples for s in trainer.flops.segments] == [32, 96]
+    assert [s.report.layers[-2].active_out for s in trainer.flops.segments] == [16, 15]
+    assert trainer.result.flops == trainer.flops.totals
+    assert checks == [0, 32]  # at steps 0 and 1 only: later forwards met no changed mask
 
 
 def test_meter_and_masked_ebc_under_one_rank_dmp(walks):

@@ -16,6 +16,16 @@ from torch import nn
 if TYPE_CHECKING:
     from torchrec_prune.masks.compact import CompactLayer
 
+_masks_seen_changed = 0  # times any MaskedLinear found its masks written or replaced since it last looked
+
+
+def masks_seen_changed() -> int:
+    """How many times any ``MaskedLinear`` in this process found its masks written in place, replaced or
+    loaded since it last read them (each forward reads them). While this and the module registrations
+    stay put, the masks every forward since used are the same: a per-step consumer (the trainer's FLOPs)
+    compares one integer instead of every mask's identity and version."""
+    return _masks_seen_changed
+
 
 class MaskedLinear(nn.Linear):
     """An ``nn.Linear`` whose effective weight is ``W * weight_mask`` with rows gated by ``neuron_mask``.
@@ -181,6 +191,8 @@ class MaskedLinear(nn.Linear):
             and cache[5] == inputs._version
         ):
             return cache[6]
+        global _masks_seen_changed
+        _masks_seen_changed += 1
         rows = neuron.nonzero().squeeze(1)
         cols = inputs.nonzero().squeeze(1)
         structured = rows.numel() < self.out_features or cols.numel() < self.in_features

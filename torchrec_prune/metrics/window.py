@@ -162,7 +162,15 @@ class LookAheadWindow:
         if len(self._rank_counts) != world:
             self._rank_counts = [0] * world
         if world == 1:
-            return self._place([logits.numel()], rank, logits, labels)
+            n = logits.numel()
+            if self._filled + n < self.window_size:  # the usual step: inside the open window
+                self._scores.append(logits)
+                self._labels.append(labels.float())
+                self._rank_counts[0] += n
+                self._filled += n
+                self._samples += n
+                return []
+            return self._place([n], rank, logits, labels)
         if self.max_batch is None:
             self._pending.append((logits, labels))
             return self._settle(world, rank)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from torchrec_prune.masks.linear import MaskedLinear
+from torchrec_prune.masks.linear import MaskedLinear, masks_seen_changed
 
 TRAINING_MULTIPLIER = 3
 _registrations = 0  # child modules registered (or set to None) anywhere in this process
@@ -197,6 +197,13 @@ class FlopsSegment:
     report: FlopsReport
 
 
+class PerSampleFlops(NamedTuple):
+    """A model's FLOPs per sample: the report, and one sample's training FLOPs as totals."""
+
+    report: FlopsReport
+    unit: FlopsTotals
+
+
 class FlopsMeter:
     """Integrate per-sample training FLOPs x samples over a run.
 
@@ -205,6 +212,11 @@ class FlopsMeter:
     while masks stay put. The FC layers themselves are found once per model and found again only after
     a module was registered anywhere (``setattr``, ``add_module``) or a module on a cached layer's path
     was removed or replaced, so a step does not walk the whole (DMP-sharded) module tree.
+
+    ``after_forward`` and ``add_at`` split ``add`` in two: read the FLOPs of the masks a step's forward
+    used, count the step's samples at them when it is over. ``IncrementalTrainer`` does so: each step
+    counts at the masks its forward used (a pruner that writes masks after the forward changes the next
+    step's FLOPs), and a step whose forward met no changed mask compares two integers.
 
     Example::
 
@@ -221,16 +233,42 @@ class FlopsMeter:
         self._totals = FlopsTotals()
         self._tree: _FcTree | None = None
         self._cache: _CachedFlops | None = None
+        self._seen: tuple[int, int] | None = None  # registrations and masks_seen_changed at the last read
 
     def per_sample(self, model: nn.Module) -> FlopsReport:
         """``fc_flops(model)``, recomputed only when a Linear or one of its masks changed."""
-        return self._current(model).report
+        return self.at(model).report
+
+    def at(self, model: nn.Module) -> PerSampleFlops:
+        """The model's per-sample FLOPs now (cached as for ``per_sample``), to count samples at with
+        ``add_at``."""
+        return self._current(model).flops
+
+    def after_forward(self, model: nn.Module) -> PerSampleFlops:
+        """``at``, for the masks ``model``'s forward has just used, re-read only when a module was
+        registered anywhere or a ``MaskedLinear`` forward met written, replaced or loaded masks since the
+        last read (``masks_seen_changed``): two integers compared, where ``at`` touches every FC layer's
+        parameters and masks, which a training step has evicted from the CPU's caches by then.
+
+        What no forward and no registration reports is seen by ``at`` but not here: a plain
+        ``nn.Linear``'s bias set to ``None``, a module deleted (``del``) that the forward still reaches.
+        """
+        cache = self._cache
+        if (
+            cache is not None
+            and cache.tree.model is model
+            and self._seen == (_registrations, masks_seen_changed())
+        ):
+            return cache.flops
+        flops = self.at(model)
+        self._seen = (_registrations, masks_seen_changed())  # after ``at``: reading masks counts as looking
+        return flops
 
     def _current(self, model: nn.Module) -> _CachedFlops:
         tree = self._tree
         if tree is None or not tree.intact(model):
             tree = self._tree = _FcTree.walk(model)
-        # Touch as little as possible: this runs every step, after the step evicted the caches.
+        # Touch as little as possible: this runs every step.
         buffers = [buf for layer in tree.layers for buf in layer._buffers.values()]
         tensors = [p for layer in tree.layers for p in layer._parameters.values()] + buffers
         versions = [buf._version for buf in buffers if buf is not None]
@@ -245,17 +283,19 @@ class FlopsMeter:
             report = FlopsReport(
                 tuple(_layer_flops(name, layer) for name, layer in zip(tree.names, tree.layers, strict=True))
             )
-            cache = self._cache = _CachedFlops(
-                tree, tensors, versions, report, integrate_phases([(1, report)])
-            )
+            flops = PerSampleFlops(report, integrate_phases([(1, report)]))
+            cache = self._cache = _CachedFlops(tree, tensors, versions, flops)
         return cache
 
     def add(self, model: nn.Module, num_samples: int, phase: str | None = None) -> None:
         """Count ``num_samples`` samples at the model's current FLOPs (pass global counts for run totals)."""
+        self.add_at(self.at(model), num_samples, phase)
+
+    def add_at(self, flops: PerSampleFlops, num_samples: int, phase: str | None = None) -> None:
+        """Count ``num_samples`` samples at ``flops``, read earlier with ``at``."""
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        current = self._current(model)
-        report, unit = current.report, current.unit
+        report, unit = flops
         last = self._segments[-1] if self._segments else None
         if last is not None and last.phase == phase and (last.report is report or last.report == report):
             self._pending += num_samples
@@ -349,5 +389,4 @@ class _CachedFlops:
     tree: _FcTree
     tensors: list[torch.Tensor | None]
     versions: list[int]
-    report: FlopsReport
-    unit: FlopsTotals  # training FLOPs of one sample
+    flops: PerSampleFlops

@@ -240,6 +240,7 @@ class IncrementalTrainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_fn(self.model, batch)
+        flops = self.flops.after_forward(self.model)  # the masks this forward used
         if not math.isfinite(loss.item()):  # before backward: the step that would spread it never runs
             raise NonFiniteError(
                 f"loss is {loss.item()} at step {self.ctx.step}, look-ahead window {len(self.result.records)}"
@@ -255,7 +256,7 @@ class IncrementalTrainer:
         for hook in self.hooks:
             hook.after_step(self.ctx)
         global_samples = batch.labels.numel() * self.world_size
-        self.flops.add(self.model, global_samples, phase=self.ctx.phase)
+        self.flops.add_at(flops, global_samples, phase=self.ctx.phase)
         self.ctx.step += 1
         self.ctx.samples_seen += global_samples
         self.ctx.position += global_samples  # exact positions come from train_increment
