@@ -1,8 +1,10 @@
 """Shared pieces of the ``perf_*`` benchmarks: the reference DLRM's batches, interleaved timing of arms,
 and one results file per benchmark.
 
-Arms are timed side by side in one process, round by round in turn (A B C, A B C, ...), each round a fixed
-number of steps, so a slow spell of a shared machine hits every arm of that round alike. A ratio is the
+Arms are timed side by side in one process, round by round in turn (A B C, C A B, ...), each round a
+fixed number of steps, so a slow spell of a shared machine hits every arm of that round alike. The order
+within a round is shuffled (seeded), so that no arm always runs right after the same other arm and finds
+the CPU's caches as that arm left them. A ratio is the
 median over rounds of the per-round ratio, and the ratio of total times with its 95% interval over
 rounds. CPU time (``time.thread_time``) is reported beside wall time: it leaves out time the thread
 waited for a core that another process held.
@@ -63,10 +65,15 @@ class Timing:
 
 
 def interleave(arms: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, Timing]:
-    """Run every arm's round once per round, in turn; per-round thread CPU and wall seconds."""
+    """Run every arm's round once per round, in an order shuffled per round; per-round thread CPU and
+    wall seconds."""
     timings = {name: Timing() for name in arms}
+    order = list(arms)
+    rng = random.Random(0)
     for r in range(warmup + rounds):
-        for name, run_round in arms.items():
+        rng.shuffle(order)
+        for name in order:
+            run_round = arms[name]
             cpu, wall = time.thread_time(), time.perf_counter()
             run_round()
             cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall

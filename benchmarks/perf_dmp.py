@@ -96,7 +96,10 @@ def main() -> None:
         "trainer_over_wrapped",
     ):
         r = result[key]
-        print(f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
+        print(
+            f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}); "
+            f"total {r['total']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f})"
+        )
     print(f"wrote {path}")
 
 

@@ -17,7 +17,7 @@ The best plain TorchRec path is whichever of ``plain_fused`` and ``plain_dmp1`` 
 Writes docs/results/perf_trainer.json; ``--profile ARM`` prints that arm's top operators instead,
 ``--profile-python ARM`` its top Python functions (cProfile, by own time) over two rounds.
 
-    .venv/bin/python benchmarks/perf_trainer.py [--rounds 7] [--steps 40] [--batch-size 128]
+    .venv/bin/python benchmarks/perf_trainer.py [--rounds 7] [--steps 40] [--batch-size 128] [--arms ...]
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def trainer_loop(trainer: IncrementalTrainer, batches: list[Batch], steps: int) 
     return run
 
 
+ARMS = ("plain_fused", "plain_dmp1", "shard_plain", "wrapped_fused", "trainer")
+
+
 def build_arms(batch_size: int, steps: int) -> dict[str, Callable[[], None]]:
     config = reference_config()
     batches = reference_batches(batch_size, 50)
@@ -152,6 +155,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--arms", nargs="+", choices=ARMS, default=list(ARMS), help="the arms to time (default: all)"
+    )
     parser.add_argument("--profile", default=None, help="print the top operators of this arm")
     parser.add_argument("--profile-python", default=None, help="print the top Python functions of this arm")
     args = parser.parse_args()
@@ -161,7 +167,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    arms = build_arms(args.batch_size, args.steps)
+    arms = {name: arm for name, arm in build_arms(args.batch_size, args.steps).items() if name in args.arms}
     if args.profile:
         arms[args.profile]()
         with torch.profiler.profile() as prof:
@@ -177,35 +183,34 @@ def measure(args: argparse.Namespace) -> None:
     timings = interleave(arms, args.rounds)
     samples = args.batch_size * args.steps
     rates = {name: samples / statistics.median(t.cpu) for name, t in timings.items()}
-    best = min(("plain_fused", "plain_dmp1"), key=lambda n: statistics.median(timings[n].cpu))
+    plain = [n for n in ("plain_fused", "plain_dmp1") if n in timings]
+    best = min(plain, key=lambda n: statistics.median(timings[n].cpu)) if plain else None
+    pairs = {  # time ratios (arm / base): > 1 is slower
+        "wrappers_over_plain": ("wrapped_fused", "plain_fused", "cpu"),
+        "trainer_over_wrapped": ("trainer", "wrapped_fused", "cpu"),
+        "trainer_over_best_plain": ("trainer", best, "cpu"),
+        "trainer_over_best_plain_wall": ("trainer", best, "wall"),
+        "trainer_over_plain_fused": ("trainer", "plain_fused", "cpu"),
+        "trainer_over_plain_dmp1": ("trainer", "plain_dmp1", "cpu"),
+        "plain_dmp1_over_plain_fused": ("plain_dmp1", "plain_fused", "cpu"),
+        "shard_plain_over_plain_fused": ("shard_plain", "plain_fused", "cpu"),
+    }
     results = {
         "samples_per_cpu_second": rates,
         "samples_per_wall_second": {n: samples / statistics.median(t.wall) for n, t in timings.items()},
-        # time ratios (arm / base): > 1 is slower
-        "wrappers_over_plain": ratio(timings, "wrapped_fused", "plain_fused"),
-        "trainer_over_wrapped": ratio(timings, "trainer", "wrapped_fused"),
-        "trainer_over_best_plain": ratio(timings, "trainer", best),
-        "trainer_over_best_plain_wall": ratio(timings, "trainer", best, kind="wall"),
         "best_plain": best,
-        "trainer_over_plain_fused": ratio(timings, "trainer", "plain_fused"),
-        "trainer_over_plain_dmp1": ratio(timings, "trainer", "plain_dmp1"),
-        "plain_dmp1_over_plain_fused": ratio(timings, "plain_dmp1", "plain_fused"),
-        "shard_plain_over_plain_fused": ratio(timings, "shard_plain", "plain_fused"),
+        **{
+            key: ratio(timings, arm, base, kind=kind)
+            for key, (arm, base, kind) in pairs.items()
+            if arm in timings and base in timings
+        },
         "rounds": {n: {"cpu": t.cpu, "wall": t.wall} for n, t in timings.items()},
     }
     path = write_results("perf_trainer", {"args": vars(args), **results})
     for name, rate in rates.items():
         print(f"{name:12s} {rate:8.0f} samples/cpu-s")
     print(f"best plain TorchRec path: {best}")
-    keys = (
-        "wrappers_over_plain",
-        "trainer_over_wrapped",
-        "trainer_over_best_plain",
-        "trainer_over_plain_fused",
-        "trainer_over_plain_dmp1",
-    )
-    more = ("trainer_over_best_plain_wall", "plain_dmp1_over_plain_fused", "shard_plain_over_plain_fused")
-    for key in (*keys, *more):
+    for key in (key for key in pairs if key in results):
         r = results[key]
         print(
             f"{key}: {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}); "
