@@ -8,9 +8,12 @@ arms train the bottom MLP (13-256-128-64-4) and the top MLP (355-256-128-1) side
 - ``plain_kept``: plain ``nn.Linear`` layers of the kept sizes (the limit a compacted phase can reach).
 A step is forward, backward and a (fused) Adagrad step. ``realized = time saving / FLOPs saving``.
 
-Writes docs/results/perf_structured.json and docs/results/perf_structured.png.
+Writes docs/results/perf_structured.json and docs/results/perf_structured.png. ``--profile`` prints
+instead, for the first batch size and beta given, each operator's thread CPU time per step in the dense
+and the compacted arm side by side: which costs shrink with the layers and which do not.
 
     .venv/bin/python benchmarks/perf_structured.py [--rounds 5] [--betas 0.3 0.5 0.7 0.9]
+    .venv/bin/python benchmarks/perf_structured.py --profile --batches 128 --betas 0.7
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def step_fn(models: list[nn.Sequential], batch: int, steps: int) -> Callable[[],
     return run
 
 
-def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
-    steps = max(2, 8192 // batch)
+def arms(batch: int, beta: float, steps: int) -> tuple[dict[str, Callable[[], None]], float]:
+    """The four arms' rounds of ``steps`` steps, and the FLOPs saving of the pruned ones."""
     torch.manual_seed(0)
     dense = [mlp(BOTTOM, MaskedLinear), mlp(TOP, MaskedLinear)]
     masked = [mlp(BOTTOM, MaskedLinear), mlp(TOP, MaskedLinear)]
@@ -84,15 +87,18 @@ def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
     plain = [mlp(kept(BOTTOM, beta), nn.Linear), mlp(kept(TOP, beta), nn.Linear)]
     flops_dense = sum(fc_flops(m).training for m in dense)
     flops_saving = 1 - sum(fc_flops(m).training for m in masked) / flops_dense
-    timings = interleave(
-        {
-            "dense": step_fn(dense, batch, steps),
-            "masked": step_fn(masked, batch, steps),
-            "compacted": step_fn(compacted, batch, steps),
-            "plain_kept": step_fn(plain, batch, steps),
-        },
-        rounds,
-    )
+    rounds = {
+        "dense": step_fn(dense, batch, steps),
+        "masked": step_fn(masked, batch, steps),
+        "compacted": step_fn(compacted, batch, steps),
+        "plain_kept": step_fn(plain, batch, steps),
+    }
+    return rounds, flops_saving
+
+
+def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
+    arm_rounds, flops_saving = arms(batch, beta, max(2, 8192 // batch))
+    timings = interleave(arm_rounds, rounds)
     out: dict[str, float] = {"batch": batch, "beta": beta, "flops_saving": flops_saving}
     for arm in ("masked", "compacted", "plain_kept"):
         per_round = [1 - a / d for a, d in zip(timings[arm].cpu, timings["dense"].cpu, strict=True)]
@@ -102,6 +108,27 @@ def measure(batch: int, beta: float, rounds: int) -> dict[str, float]:
         out[f"{arm}_time_saving_max"] = max(per_round)
         out[f"{arm}_realized"] = saving / flops_saving
     return out
+
+
+def profile(batch: int, beta: float, steps: int = 200) -> None:
+    """Thread CPU time per step of every operator (self time) in the dense and compacted arms."""
+    arm_rounds, flops_saving = arms(batch, beta, steps)
+    per_op: dict[str, dict[str, float]] = {}
+    totals = {}
+    for name in ("dense", "compacted"):
+        arm_rounds[name]()  # warm-up
+        with torch.profiler.profile() as prof:
+            arm_rounds[name]()
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {})[name] = event.self_cpu_time_total / steps
+        totals[name] = sum(v.get(name, 0.0) for v in per_op.values())
+    print(f"batch {batch}, beta {beta}: FLOPs saving {flops_saving:.3f}; us per step (self CPU time)")
+    print(f"{'operator':45s} {'dense':>9s} {'compacted':>9s} {'saved':>9s}")
+    for key, t in sorted(per_op.items(), key=lambda kv: -kv[1].get("dense", 0.0))[:25]:
+        dense, compact = t.get("dense", 0.0), t.get("compacted", 0.0)
+        print(f"{key[:45]:45s} {dense:9.1f} {compact:9.1f} {dense - compact:9.1f}")
+    saving = 1 - totals["compacted"] / totals["dense"]
+    print(f"{'total':45s} {totals['dense']:9.1f} {totals['compacted']:9.1f}  time saving {saving:.3f}")
 
 
 def plot(rows: list[dict[str, float]]) -> None:
@@ -135,8 +162,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--profile", action="store_true", help="print per-operator times instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.profile:
+        profile(args.batches[0], args.betas[0])
+        return
     rows = []
     for batch in args.batches:
         for beta in args.betas:
