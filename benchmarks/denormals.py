@@ -4,15 +4,18 @@ against a denormal-free run.
 Part 1 times the same element-wise and matmul work on normal values and on denormal values, with
 FTZ/DAZ off and on (`torchrec_prune.numerics`), side by side in one process. Part 2 trains the reference
 DLRM as a job does (its one-process replica and ``IncrementalTrainer``) right after pruning 70% of its
-hidden neurons and regrowing them at zero, in three arms interleaved round by round:
+hidden neurons and regrowing them at zero, in four arms interleaved round by round:
 - ``denormal_free``: FTZ/DAZ off, lr 0.05, no denormal value arises (the count is reported);
 - ``ftz_daz_on``: FTZ/DAZ on, lr 1e-42, so every update of a regrown zero weight is a denormal, flushed;
-- ``ftz_daz_off``: FTZ/DAZ off, lr 1e-42: the regrown weights fill with denormals and every matmul reads
-  them (what FTZ/DAZ saves; the target is ``ftz_daz_on`` within 5% of ``denormal_free``).
+- ``ftz_daz_off``: FTZ/DAZ off, lr 1e-42: the regrown weights that get a gradient turn denormal and
+  the matmuls read them (what FTZ/DAZ saves; the target is ``ftz_daz_on`` within 5% of
+  ``denormal_free``);
+- ``ftz_daz_on_lr_0.05``: FTZ/DAZ on at the denormal-free arm's lr: what FTZ/DAZ costs where nothing is
+  flushed, apart from what the tiny lr changes.
 CPUs differ a lot here (many Intel cores pay 5x-260x per denormal operation, many AMD cores nothing):
 the results name the CPU they were measured on. Results: docs/results/denormals.md and .json.
 
-    .venv/bin/python benchmarks/denormals.py [--rounds 60] [--steps 30]
+    .venv/bin/python benchmarks/denormals.py [--rounds 200] [--steps 30]
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ from torchrec_prune.pruners.structured import grow_neurons, neuron_successors, p
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
 
 BETA = 0.7
-ARMS = {"denormal_free": (False, 0.05), "ftz_daz_on": (True, 1e-42), "ftz_daz_off": (False, 1e-42)}
+ARMS = {
+    "denormal_free": (False, 0.05),
+    "ftz_daz_on": (True, 1e-42),
+    "ftz_daz_off": (False, 1e-42),
+    "ftz_daz_on_lr_0.05": (True, 0.05),
+}
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -131,7 +139,7 @@ def regrowth(rounds: int, steps: int, batch_size: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (FTZ/DAZ is set on each)")
@@ -154,7 +162,7 @@ def main() -> None:
 def report(result: dict) -> list[str]:
     base = {(r["values"], r["ftz_daz"]): r for r in result["arithmetic"]}
     lines = [
-        f"# Denormal cost and FTZ/DAZ on {result['cpu']} ({result['threads']} threads)",
+        f"# Denormal cost and FTZ/DAZ on {result['cpu']} (intra-op threads: {result['threads']})",
         "",
         f"`{result['machine']['command']}`, {result['machine']['date']}, load average "
         f"{result['machine']['load_average']:.2f}.",
