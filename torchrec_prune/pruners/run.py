@@ -444,14 +444,15 @@ class PreparedPruneJob:
     """A prune job whose stream is open and whose model holds the checkpoint: nothing has trained yet.
 
     The model's tables are fused (``fuse_tables``: their optimizer runs in the backward) and
-    ``optimizer`` trains the rest. Both hold the trained optimizer state when the checkpoint is a run
-    checkpoint and start fresh from a weights-only one (``None``: ``prune_and_train`` builds one).
+    ``optimizer`` (``dense_optimizer``) trains the rest; an optimizer over all of ``model.parameters()``
+    would step the tables a second time. Both hold the trained optimizer state when the checkpoint is a
+    run checkpoint and start fresh from a weights-only one.
     """
 
     config: PruneJobConfig
     stream: Stream
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: torch.optim.Optimizer
 
 
 def prepare_prune_job(config: PruneJobConfig) -> PreparedPruneJob:
@@ -544,7 +545,7 @@ def run_prune_job(prepared: PreparedPruneJob) -> tuple[PruneResult, str]:
             config.job.train,
             config.prune,
             start_row=config.start_row,
-            optimizers=None if prepared.optimizer is None else [prepared.optimizer],
+            optimizers=[prepared.optimizer],
             writer=writer,
             desc=config.prune.label,
         )
