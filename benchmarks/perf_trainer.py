@@ -45,6 +45,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec_prune.data.stream import BatchStream
 from torchrec_prune.distributed.dmp import (
     ShardingConfig,
+    dense_parameters,
     make_sharders,
     one_process_group,
     plan_sharding,
@@ -77,11 +78,8 @@ def fused_dlrm(config: DLRMConfig) -> DLRMTrain:
 
 
 def dense_adagrad(model: nn.Module) -> torch.optim.Optimizer:
-    """Adagrad over the parameters no fused collection updates."""
-    fused = {
-        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
-    }
-    return torch.optim.Adagrad([p for p in model.parameters() if id(p) not in fused], lr=LR, fused=True)
+    """Torch's fused Adagrad over the parameters no fused collection updates."""
+    return torch.optim.Adagrad(list(dense_parameters(model).values()), lr=LR, fused=True)
 
 
 def plain_dmp(config: DLRMConfig, batch_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:

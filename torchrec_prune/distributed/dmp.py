@@ -413,22 +413,27 @@ def shard(
     return ShardedModel(model=dmp, optimizer=dense_optimizer(dmp, config), plan=plan)
 
 
+def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of ``model`` that no fused kernel steps (neither a sharded table nor one of a
+    ``FusedEmbeddingBagCollection``), by name: what a dense optimizer must hold, and nothing more (a
+    table in it would be stepped twice)."""
+    fused = {
+        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
+    }
+    return {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if id(p) not in fused}
+
+
 def dense_optimizer(model: nn.Module, config: ShardingConfig) -> KeyedOptimizerWrapper:
-    """``config.dense_optimizer`` over every parameter of ``model`` that no fused kernel steps (neither a
-    sharded table nor one of a ``FusedEmbeddingBagCollection``), keyed by name.
+    """``config.dense_optimizer`` over ``dense_parameters(model)``, keyed by name.
 
     Torch's fused kernel: one kernel over all dense tensors, 3x faster than the per-tensor loop on the
     reference MLPs.
     """
-    fused = {
-        id(p) for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection) for p in m.parameters()
-    }
-    dense = {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if id(p) not in fused}
     optimizer_cls = DENSE_OPTIMIZERS[config.dense_optimizer]
     kwargs = {"lr": config.lr if config.dense_lr is None else config.dense_lr, "fused": True}
     if config.momentum:
         kwargs["momentum"] = config.momentum
-    return KeyedOptimizerWrapper(dense, lambda params: optimizer_cls(params, **kwargs))
+    return KeyedOptimizerWrapper(dense_parameters(model), lambda params: optimizer_cls(params, **kwargs))
 
 
 def rebuild_data_parallel(model: nn.Module) -> None:
