@@ -17,7 +17,7 @@ from torchrec_prune.masks.surgery import set_masks_
 from torchrec_prune.models import DLRMConfig, build_dlrm
 from torchrec_prune.train import flops as flops_mod
 from torchrec_prune.train.flops import FlopsMeter, fc_flops, integrate_phases
-from torchrec_prune.train.hooks import StepContext, TrainHook
+from torchrec_prune.train.hooks import BaseHook, StepContext
 from torchrec_prune.train.trainer import IncrementalTrainer, TrainConfig
 
 TINY = DLRMConfig(num_embeddings=200, dense_arch=[16, 8, 4], over_arch=[16, 1])
@@ -204,7 +204,7 @@ def test_trainer_sees_a_mask_written_between_steps():
     assert trainer.result.flops == trainer.flops.totals
 
 
-class _PruneAfterStep(TrainHook):
+class _PruneAfterStep(BaseHook):
     """Closes a neuron after the optimizer of the first step, as a pruner's ``after_step`` does."""
 
     def __init__(self, layer: MaskedLinear) -> None:
