@@ -94,9 +94,10 @@ def regrowth_arm(
     torch.manual_seed(0)
     train = TrainConfig(batch_size=batch_size, lr=lr, window=5_000, progress=False)
     replica = job_replica(stream, train)
-    scores = {fqn: torch.rand(n) for fqn, n in neuron_widths(replica.model).items()}
-    prune_neurons(replica.model, BETA, scores, replica.optimizers)
-    grow_neurons(replica.model, replica.optimizers)
+    model = replica.model
+    scores = {f: torch.rand(model.get_submodule(f).out_features) for f in neuron_successors(model)}
+    prune_neurons(model, BETA, scores, replica.optimizers)
+    grow_neurons(model, replica.optimizers)
     trainer = IncrementalTrainer(replica.model, train, optimizers=replica.optimizers)
     source = itertools.cycle(list(stream.batches(batch_size)))
 
@@ -107,12 +108,6 @@ def regrowth_arm(
         disable_ftz_daz()
 
     return run, lambda: count_denormals(replica.model)
-
-
-def neuron_widths(model: torch.nn.Module) -> dict[str, int]:
-    """Output width of every layer ``prune_neurons`` can prune."""
-    modules = dict(model.named_modules())
-    return {fqn: modules[fqn].out_features for fqn in neuron_successors(model)}
 
 
 def regrowth(rounds: int, steps: int, batch_size: int) -> dict[str, object]:
